@@ -1,0 +1,36 @@
+"""The whole job: one dataclass per TOML section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from system.config.checkpoint import CheckpointConfig
+from system.config.data import DataConfig
+from system.config.metrics import MetricsConfig
+from system.config.model import ModelConfig
+from system.config.moe import MoEConfig
+from system.config.parallel import ParallelConfig
+from system.config.training import TrainingConfig
+
+
+@dataclass
+class JobConfig:
+    """A training job. Each field is a TOML section (``[model]``, ``[moe]``, ...)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    name: str = "job"
+
+    def validate(self) -> None:
+        """Validate every section; raises ``ValueError`` naming the offending key."""
+        for section in (self.model, self.moe, self.parallel, self.data, self.training):
+            section.validate()
+        if self.training.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"training.seq_len ({self.training.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )

@@ -1,0 +1,73 @@
+"""Process-group initialisation: backend and device selection for torchrun-launched ranks."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """The compute device of this rank: ``cuda:LOCAL_RANK`` on CUDA, else ``cpu``.
+
+    Raises:
+        ValueError: ``device="cuda"`` without a CUDA device.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("parallel.device='cuda' but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise ValueError(f"parallel.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return torch.device("cpu")
+
+
+def pick_backend(device: torch.device, backend: str = "auto") -> str:
+    """``nccl`` for CUDA devices, ``gloo`` for CPU, unless overridden."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"parallel.backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("parallel.backend='nccl' needs CUDA devices; use 'gloo' on CPU")
+    return backend
+
+
+def init_distributed(device: torch.device, backend: str = "auto", timeout_s: float = 600.0) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (idempotent).
+
+    A single process without ``RANK``/``WORLD_SIZE`` set gets a one-rank group on a free local port,
+    so the same code path runs under plain ``python``.
+
+    Returns:
+        ``(rank, world_size)``.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    name = pick_backend(device, backend)
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    logger.info("process group: backend=%s world_size=%d", name, dist.get_world_size())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,330 @@
+"""The training loop: data, model, parallelisms, optimizer, metrics, final save and summary.
+
+One :class:`Trainer` per rank, launched by torchrun (``python -m system.train.main``). A step:
+``grad_accum`` micro-batches of forward + backward (cross-entropy + MoE auxiliary losses), gradient
+reduction (dense: averaged over all ranks, or FSDP2 reduce-scatter; experts: over their ``dp``
+replicas), clipping to the global norm, AdamW, LR schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from system.checkpoint.model_io import save_model
+from system.config.job import JobConfig
+from system.config.loader import config_to_dict
+from system.data import PackedLoader, build_tokenizer, byte_unigram_entropy, load_corpus, tokenize_docs
+from system.distributed import ParallelDims, init_distributed, pick_device
+from system.inference.generate import greedy_generate
+from system.models.model import MoETransformer
+from system.models.parallelize import parallelize_model
+from system.parallel.grads import clip_grad_norm_, sync_gradients
+from system.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from system.train.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+LN2 = math.log(2.0)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (values averaged over ranks where noted)."""
+
+    loss: float  # cross-entropy, nats/token, mean over ranks and micro-batches
+    aux_loss: float  # load-balancing loss, mean over MoE layers
+    z_loss: float  # router z-loss, mean over MoE layers
+    grad_norm: float
+    tokens_per_expert: list[torch.Tensor]  # per MoE layer, [E] global assignments
+    drop_rate: float  # dropped / made assignments over all ranks
+
+
+def resolve_vocab(cfg: JobConfig, tokenizer_vocab: int) -> None:
+    """Set ``model.vocab_size`` from the tokenizer when it is 0 (rounded up to a multiple of 64).
+
+    Raises:
+        ValueError: a configured vocabulary smaller than the tokenizer's.
+    """
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-tokenizer_vocab // 64) * 64
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+
+
+class Trainer:
+    """Builds everything for one rank from a :class:`JobConfig` and runs the loop.
+
+    Raises:
+        ValueError: for degrees that do not match the world size, experts that do not divide by
+            the EP degree, or data too short for one global batch.
+    """
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.parallel.device)
+        self.rank, self.world = init_distributed(self.device, cfg.parallel.backend)
+        if self.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(cfg.training.threads_per_rank or max(1, (os.cpu_count() or 1) // local))
+        self.dims = ParallelDims.from_config(cfg.parallel.dp, cfg.parallel.ep, self.world)
+        self.dims.check_experts(cfg.moe.num_experts)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.amp_dtype = self._amp_dtype()
+
+        tcfg = cfg.training
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        resolve_vocab(cfg, self.tokenizer.vocab_size)
+        corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
+        train_tokens = tokenize_docs(corpus.train_docs, self.tokenizer)
+        val_tokens = tokenize_docs(corpus.val_docs, self.tokenizer)
+        self.corpus_name = corpus.name
+        self.val_tokens_per_byte = len(val_tokens) / max(corpus.val_bytes, 1)
+        self.unigram_bits = byte_unigram_entropy(corpus.train_docs)
+        self.loader = PackedLoader(
+            train_tokens, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
+            rank=self.rank, world_size=self.world, seed=tcfg.seed,
+        )
+        self.val_tokens = val_tokens
+        global_windows = (len(val_tokens) - 1) // tcfg.seq_len // (tcfg.batch_size * self.world)
+        if global_windows < 1:
+            raise ValueError(
+                f"validation split of {len(val_tokens)} tokens is shorter than one global batch "
+                f"({tcfg.batch_size} x {self.world} sequences of {tcfg.seq_len}); raise data.val_fraction"
+            )
+        self.eval_batches = min(tcfg.eval_batches, global_windows)
+
+        torch.manual_seed(tcfg.seed)
+        with torch.device(self.device):
+            self.model = MoETransformer(cfg.model, cfg.moe)
+        self.model.init_weights(seed=tcfg.seed)
+        self.num_params, self.active_params = self.model.num_params()
+        parallelize_model(self.model, self.mesh, cfg.parallel, param_dtype=self.amp_dtype)
+        self.optimizer = build_optimizer(self.model, tcfg)
+        self.scheduler = build_lr_scheduler(self.optimizer, tcfg)
+
+        name = cfg.metrics.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(self._broadcast_str(name))
+        self.metrics = MetricsLogger(self.run_dir, self.rank, tensorboard=cfg.metrics.tensorboard)
+        self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers, cfg.model.dim, tcfg.seq_len)
+        self.peak = peak_flops(self.device)
+        self.step = 0
+        logger.info(
+            "model: %.2fM params (%.2fM active), %d MoE layers x %d experts top-%d; world %d = dp %d x ep %d; "
+            "dense %s; device %s; corpus %s (%.1f MB train)",
+            self.num_params / 1e6, self.active_params / 1e6, len(self.model.moe_layers()), cfg.moe.num_experts,
+            cfg.moe.top_k, self.world, self.dims.dp, self.dims.ep, cfg.parallel.dense, self.device,
+            corpus.name, corpus.train_bytes / 1e6,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _amp_dtype(self) -> torch.dtype | None:
+        mode = self.cfg.training.mixed_precision
+        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _broadcast_str(self, value: str) -> str:
+        obj = [value]
+        dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def _to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(self.device, non_blocking=True) for t in tensors]
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches; see :class:`StepResult`."""
+        tcfg = self.cfg.training
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        moe_layers = self.model.moe_layers()
+        ce_sum = aux_sum = z_sum = 0.0
+        load = [torch.zeros(self.cfg.moe.num_experts, device=self.device) for _ in moe_layers]
+        dropped = made = 0
+        for _ in range(tcfg.grad_accum):
+            inputs, targets = self._to_device(*self.loader.next_batch())
+            with self._autocast():
+                logits = self.model(inputs)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            aux = self.model.aux_loss()
+            ((ce + aux) / tcfg.grad_accum).backward()
+            ce_sum += ce.item()
+            for i, moe in enumerate(moe_layers):
+                st = moe.last_stats
+                aux_sum += st.aux_loss.item()
+                z_sum += st.z_loss.item()
+                load[i] += st.tokens_per_expert
+                dropped += st.dropped
+                made += st.assignments
+        sync_gradients(self.model, self.mesh)
+        norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        n_moe = max(len(moe_layers), 1)
+        loss, aux_mean, z_mean, dropped, made = self._mean_over_ranks(
+            [ce_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum / n_moe, z_sum / tcfg.grad_accum / n_moe,
+             float(dropped), float(made)]
+        )
+        return StepResult(loss, aux_mean, z_mean, float(norm), load, dropped / max(made, 1.0))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy (nats/token) over ``eval_batches`` fixed batches, all ranks."""
+        tcfg = self.cfg.training
+        self.model.eval()
+        loader = PackedLoader(
+            self.val_tokens, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
+            rank=self.rank, world_size=self.world, seed=0, shuffle=False,
+        )
+        total = 0.0
+        for _ in range(self.eval_batches):
+            inputs, targets = self._to_device(*loader.next_batch())
+            with self._autocast():
+                logits = self.model(inputs)
+            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).item()
+        self.model.train()
+        return self._mean_over_ranks([total / self.eval_batches])[0]
+
+    def bits_per_byte(self, nats_per_token: float) -> float:
+        """Convert a cross-entropy in nats/token to bits per byte of the validation text."""
+        return nats_per_token / LN2 * self.val_tokens_per_byte
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        """Train ``training.steps`` steps, evaluate, save, print the summary; return the summary dict."""
+        tcfg = self.cfg.training
+        tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * self.world
+        bar = None
+        if self.rank == 0 and self.cfg.metrics.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tcfg.steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        t_start = time.perf_counter()
+        t_window, steps_window = time.perf_counter(), 0
+        last, val_loss, tps = None, float("nan"), 0.0
+        while self.step < tcfg.steps:
+            last = self.train_step()
+            steps_window += 1
+            if bar is not None:
+                bar.update(1)
+            val_now = tcfg.eval_interval and self.step % tcfg.eval_interval == 0 and self.step < tcfg.steps
+            if self.step % tcfg.log_interval == 0 or self.step == tcfg.steps or val_now:
+                elapsed = time.perf_counter() - t_window
+                tps = tokens_per_step * steps_window / max(elapsed, 1e-9)
+                record = self._record(last, tps)
+                if val_now:
+                    val_loss = self.evaluate()
+                    record["val_loss"] = val_loss
+                    record["val_bpb"] = self.bits_per_byte(val_loss)
+                self.metrics.log(self.step, record, self._load_histograms(last))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{tps:,.0f}")
+                t_window, steps_window = time.perf_counter(), 0
+        train_time = time.perf_counter() - t_start
+        if bar is not None:
+            bar.close()
+        val_loss = self.evaluate()
+        self.metrics.log(self.step, {"val_loss": val_loss, "val_bpb": self.bits_per_byte(val_loss)})
+        summary = self._summary(last, val_loss, tokens_per_step * tcfg.steps / train_time, train_time)
+        if self.cfg.checkpoint.save_final:
+            save_model(self.model, self.mesh, self.run_dir / self.cfg.checkpoint.folder, config_to_dict(self.cfg))
+        sample = self.sample()
+        if self.rank == 0:
+            summary["sample"] = sample
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._print_summary(summary)
+        self.metrics.close()
+        return summary
+
+    def _record(self, r: StepResult, tps: float) -> dict[str, float]:
+        imbalance = [float(l.max() / l.mean().clamp_min(1e-9)) for l in r.tokens_per_expert]
+        rec = {
+            "loss": r.loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": r.grad_norm,
+            "tokens_per_s": tps,
+            "aux_loss": r.aux_loss,
+            "z_loss": r.z_loss,
+            "expert_imbalance": sum(imbalance) / max(len(imbalance), 1),
+            "drop_rate": r.drop_rate,
+        }
+        for i, value in enumerate(imbalance):
+            rec[f"moe/imbalance/layer{i}"] = value
+        if self.peak:
+            rec["mfu_pct"] = 100.0 * self.flops_per_token * tps / (self.peak * self.world)
+        return rec
+
+    def _load_histograms(self, r: StepResult) -> dict[str, torch.Tensor]:
+        return {f"moe/load/layer{i}": l for i, l in enumerate(r.tokens_per_expert)}
+
+    def sample(self) -> str:
+        """A greedy continuation of ``training.sample_prompt`` (all ranks run it; EP is collective)."""
+        tcfg = self.cfg.training
+        if tcfg.sample_tokens <= 0:
+            return ""
+        ids = self.tokenizer.encode(tcfg.sample_prompt) or [self.tokenizer.eos_id]
+        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self._autocast():
+            out = greedy_generate(self.model, prompt, tcfg.sample_tokens, tcfg.seq_len)
+        return self.tokenizer.decode(out[0].tolist())
+
+    def _summary(self, last: StepResult | None, val_loss: float, tps: float, seconds: float) -> dict:
+        train_loss = last.loss if last else float("nan")
+        imbalance = (
+            sum(float(l.max() / l.mean().clamp_min(1e-9)) for l in last.tokens_per_expert) / len(last.tokens_per_expert)
+            if last and last.tokens_per_expert else float("nan")
+        )
+        return {
+            "run_dir": str(self.run_dir),
+            "corpus": self.corpus_name,
+            "steps": self.step,
+            "world_size": self.world,
+            "dp": self.dims.dp,
+            "ep": self.dims.ep,
+            "params": self.num_params,
+            "active_params": self.active_params,
+            "train_loss": train_loss,
+            "train_bpb": self.bits_per_byte(train_loss),
+            "val_loss": val_loss,
+            "val_bpb": self.bits_per_byte(val_loss),
+            "unigram_entropy_bpb": self.unigram_bits,
+            "tokens_per_s": tps,
+            "train_seconds": seconds,
+            "expert_imbalance": imbalance,
+        }
+
+    def _print_summary(self, s: dict) -> None:
+        lines = [
+            f"run            {s['run_dir']}",
+            f"steps          {s['steps']}  (world {s['world_size']} = dp {s['dp']} x ep {s['ep']})",
+            f"params         {s['params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active",
+            f"train loss     {s['train_bpb']:.3f} bits/byte",
+            f"val loss       {s['val_bpb']:.3f} bits/byte  (byte-unigram entropy of {s['corpus']}: "
+            f"{s['unigram_entropy_bpb']:.3f} bits/byte)",
+            f"throughput     {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.0f} s",
+            f"expert imbal.  {s['expert_imbalance']:.2f} (max/mean tokens per expert, last step)",
+            f"sample         {s['sample']!r}",
+        ]
+        print("\n".join(["== summary =="] + lines), flush=True)
