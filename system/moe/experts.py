@@ -118,9 +118,9 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
-        if x.shape[0] == 0:
-            return x.new_zeros(0, w2.shape[-1])
-        use = self._use_grouped_mm(x)
+        # With no rows, the exact loop still connects the (empty) output to x and the weights, so the
+        # backward all-to-all runs on every rank of the EP group (a collective must not be skipped).
+        use = self._use_grouped_mm(x) and x.shape[0] > 0
         with torch.autocast(x.device.type, enabled=False):
             h = F.silu(grouped_matmul(x, w1, counts, use)) * grouped_matmul(x, w3, counts, use)
             return grouped_matmul(h, w2, counts, use)
