@@ -30,6 +30,11 @@ class JobConfig:
         """Validate every section; raises ``ValueError`` naming the offending key."""
         for section in (self.model, self.moe, self.parallel, self.data, self.training):
             section.validate()
+        if self.moe.num_experts % self.parallel.ep:
+            raise ValueError(
+                f"moe.num_experts={self.moe.num_experts} does not divide by the expert-parallel degree "
+                f"parallel.ep={self.parallel.ep}"
+            )
         if self.training.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"training.seq_len ({self.training.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"

@@ -48,7 +48,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
             return float(value)
         try:
             return float(value)

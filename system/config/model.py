@@ -32,6 +32,8 @@ class ModelConfig:
                 raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim ({self.dim}) must divide by model.n_heads ({self.n_heads})")
+        if self.n_kv_heads < 0:
+            raise ValueError(f"model.n_kv_heads must be >= 0, got {self.n_kv_heads}")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(f"model.n_heads ({self.n_heads}) must divide by model.n_kv_heads ({kv})")

@@ -45,12 +45,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
         x: ``[M, a]`` rows sorted by group.
         w: ``[G, a, b]``.
         counts: ``[G]`` int rows per group (sum M).
-        use_grouped_mm: use ``torch._grouped_mm`` (one kernel); else an exact per-group loop.
+        use_grouped_mm: use ``torch._grouped_mm`` (one kernel); else an exact per-group loop. With no
+            rows the loop is used: it keeps the (empty) output connected to ``x`` and ``w`` in autograd.
 
     Returns:
         ``[M, b]``.
     """
-    if use_grouped_mm:
+    if use_grouped_mm and x.shape[0] > 0:
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
     chunks = x.split(counts.tolist(), dim=0)

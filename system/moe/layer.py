@@ -109,9 +109,10 @@ class MoELayer(nn.Module):
         x_local, local_counts = self.dispatcher.dispatch(xf[token_of], counts)
         y_local = self.experts(x_local, local_counts)
         y = self.dispatcher.combine(y_local)
-        w = route.weights.flatten()[order].to(y.dtype)
-        out = torch.zeros(num_tokens, shape[-1], dtype=y.dtype, device=xf.device)
-        out = out.index_add(0, token_of, y * w[:, None])
+        # Weighted sum over each token's k experts, accumulated in float32 (y may be bf16).
+        w = route.weights.flatten()[order]
+        out = torch.zeros(num_tokens, shape[-1], dtype=torch.float32, device=xf.device)
+        out = out.index_add(0, token_of, y.float() * w[:, None])
         if self.shared_experts is not None:
             out = out + self.shared_experts(xf)
         self.last_stats = MoEStats(

@@ -1,0 +1,300 @@
+"""Shared helpers for the side-by-side benchmarks in ``benchmarks/``.
+
+Everything here is plain measurement plumbing, with no knowledge of any particular benchmark:
+
+- statistics over timing samples (:func:`median`, :func:`summarize`);
+- a wall-clock timer that synchronises an accelerator first (:class:`Stopwatch`);
+- process memory on Linux: current and peak resident set size, with a resettable peak
+  (:func:`reset_peak_rss`, :func:`peak_rss_bytes`, :func:`current_rss_bytes`);
+- provenance: host description and package versions (:func:`host_info`, :func:`package_versions`);
+- writers for the ``benchmarks/results/`` files: JSON and markdown tables (:func:`write_json`,
+  :func:`markdown_table`, :func:`write_text`);
+- small launch helpers (:func:`free_port`, :func:`setup_logging`).
+
+Benchmarks import this module as ``benchmarks.common`` (run them from the repository root, as
+``python benchmarks/<name>.py`` or ``python -m benchmarks.<name>``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def median(xs: Iterable[float]) -> float:
+    """Median of ``xs`` (``nan`` when empty)."""
+    values = list(xs)
+    return statistics.median(values) if values else math.nan
+
+
+def summarize(xs: Sequence[float]) -> dict[str, float]:
+    """Summary of samples: ``n``, ``median``, ``mean``, ``min``, ``max``, ``stdev``, ``p25``, ``p75``.
+
+    ``stdev`` is the sample standard deviation (0 for a single sample); ``p25``/``p75`` are the
+    quartiles by linear interpolation.
+    """
+    values = sorted(float(x) for x in xs)
+    if not values:
+        return {"n": 0, "median": math.nan, "mean": math.nan, "min": math.nan, "max": math.nan,
+                "stdev": math.nan, "p25": math.nan, "p75": math.nan}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "min": values[0],
+        "max": values[-1],
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "p25": _quantile(values, 0.25),
+        "p75": _quantile(values, 0.75),
+    }
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of already sorted values."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+class Stopwatch:
+    """Wall-clock timer around a block, synchronising an accelerator at both ends.
+
+    Args:
+        sync: called before reading the clock (e.g. ``torch.cuda.synchronize``), so queued device
+            work is inside the measured interval; ``None`` on CPU.
+
+    Example::
+
+        with Stopwatch(sync) as sw:
+            run()
+        print(sw.seconds)
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.sync = sync
+        self.seconds = math.nan
+        self._t0 = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        if self.sync is not None:
+            self.sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sync is not None:
+            self.sync()
+        self.seconds = time.perf_counter() - self._t0
+
+
+# --------------------------------------------------------------------------------------------
+# memory (Linux /proc; falls back to getrusage where /proc is missing)
+
+
+def _proc_status_kib(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or ``None``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size of this process now, in bytes (``None`` where unknown)."""
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS.
+
+    Uses ``echo 5 > /proc/self/clear_refs`` (Linux >= 4.0). Returns ``False`` where that is not
+    possible; :func:`peak_rss_bytes` then reports the peak since process start.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process in bytes, since start or the last :func:`reset_peak_rss`."""
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def format_bytes(n: float | None) -> str:
+    """Human-readable binary size (``"1.23 GiB"``); ``"n/a"`` for ``None``."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Installed distribution version for each name (``None`` when not installed)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def host_info() -> dict[str, Any]:
+    """Description of the machine and software: OS, CPU, cores, memory, Python, torch, GPUs."""
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mem_total_bytes": _mem_total_bytes(),
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_num_threads"] = torch.get_num_threads()
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            info["cuda"] = torch.version.cuda
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:  # pragma: no cover - every benchmark needs torch
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# writers
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (parent directories created; NaN written as ``null``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_nan_to_none(obj), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table.
+
+    Args:
+        headers: column titles.
+        rows: cells (converted with ``str``; ``None`` becomes ``"n/a"``).
+        align: per column ``"l"``, ``"r"`` or ``"c"`` (default: left for the first column, right
+            for the others).
+    """
+    if align is None:
+        align = ["l"] + ["r"] * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    for row in rows:
+        cells = ["n/a" if c is None else str(c).replace("|", "\\|") for c in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (parent directories created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# launch
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a single-host rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr with a timestamp and, in multi-process runs, the rank."""
+    prefix = f"[rank{rank}] " if rank is not None else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )

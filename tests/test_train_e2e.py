@@ -1,0 +1,75 @@
+"""End to end: ``moesys train`` launches torchrun, 2 Gloo ranks with EP=2 train on real text and
+leave metrics.jsonl, TensorBoard events, summary.json and a saved model in the run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SMALL = [
+    "--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "2", "--moe.expert_dim", "64",
+    "--training.seq_len", "64", "--training.batch_size", "4", "--training.steps", "12",
+    "--training.log_interval", "4", "--training.eval_interval", "8", "--training.eval_batches", "2",
+    "--training.sample_tokens", "8", "--training.warmup_steps", "2", "--metrics.progress", "false",
+]
+
+
+def _train(tmp_path: Path, *extra: str) -> tuple[dict, list[dict]]:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "system.cli", "train", "--config", str(ROOT / "configs/cpu-tiny.toml"),
+           *SMALL, "--metrics.run_dir", str(run_dir), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== summary ==" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    return summary, records
+
+
+def test_train_default_corpus_ep2(tmp_path: Path) -> None:
+    summary, records = _train(tmp_path)
+    assert summary["world_size"] == 2 and summary["ep"] == 2 and summary["steps"] == 12
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [4, 8, 12]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "aux_loss", "z_loss", "expert_imbalance", "drop_rate"):
+        assert key in steps[0], key
+    assert any("val_loss" in r for r in records)
+    assert steps[-1]["loss"] < steps[0]["loss"], "loss did not fall"
+    assert summary["val_bpb"] < 8.0 and summary["unigram_entropy_bpb"] > 3.0
+    assert summary["sample"].startswith("def ")
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data/tinyshakespeare.txt is absent (a user's clone has no ../shared)")
+def test_train_tinyshakespeare_fsdp(tmp_path: Path) -> None:
+    summary, records = _train(
+        tmp_path, "--data.path", str(SHAKESPEARE), "--parallel.dense", "fsdp", "--training.sample_prompt", "ROMEO:"
+    )
+    assert summary["corpus"] != "stdlib"
+    assert summary["steps"] == 12
+
+
+def test_bad_override_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "system.cli", "train", "--config", str(ROOT / "configs/cpu-tiny.toml"),
+         "--moe.num_expertz", "4", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "moe.num_expertz" in proc.stderr and "num_experts" in proc.stderr
+
+
+def test_experts_not_divisible_by_ep(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "system.cli", "train", "--config", str(ROOT / "configs/cpu-tiny.toml"),
+         *SMALL, "--moe.num_experts", "5", "--moe.top_k", "2", "--metrics.run_dir", str(tmp_path / "r")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "num_experts=5 does not divide by the expert-parallel degree parallel.ep=2" in proc.stderr
