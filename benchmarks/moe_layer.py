@@ -103,6 +103,10 @@ PEAK_BF16_FLOPS = (
     ("L40S", 362e12),
 )
 
+# glibc tunables for ``--malloc tuned``: keep large blocks on the heap and never trim it, so a tensor
+# freed in one step is reused in the next instead of being unmapped and page-faulted in again.
+MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+
 CPU_DEFAULTS = dict(nproc=2, dtype="fp32", dim=512, ffn=1024, experts=8, tokens=4096, iters=3, warmup=2)
 CUDA_DEFAULTS = dict(nproc=1, dtype="bf16", dim=4096, ffn=14336, experts=8, tokens=16384, iters=10, warmup=5)
 
@@ -134,6 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix for the result file names (moe_layer_<device><tag>.*)")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler table per peer (rank 0)")
     p.add_argument("--no-pin", action="store_true", help="do not pin CPU ranks to one core each")
+    p.add_argument(
+        "--malloc",
+        choices=("default", "tuned"),
+        default="default",
+        help="glibc malloc of the spawned CPU ranks: 'tuned' sets MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ "
+        "high so large freed tensors are reused instead of unmapped and page-faulted again (same for all peers)",
+    )
     p.add_argument("--peak-tflops", type=float, help="override the bf16 peak used for MFU (TFLOP/s per device)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -499,24 +510,46 @@ def peak_flops_per_device(device: torch.device, dtype: torch.dtype, override_tfl
     return None, name
 
 
-def profile_peer(s: Setup, peer: Peer, x: torch.Tensor, g: torch.Tensor, out_dir: Path) -> None:
-    """Write a torch.profiler operator table (sorted by self time) of a few steps; rank 0 writes."""
+def profile_peer(s: Setup, peer: Peer, x: torch.Tensor, g: torch.Tensor, out_dir: Path) -> list[dict[str, Any]]:
+    """Profile a few steps with torch.profiler; rank 0 writes the operator table (by self time).
+
+    Returns (rank 0; other ranks an empty list) the top operators by self time as
+    ``{"op", "self_ms_per_step", "calls_per_step", "share"}`` (CPU time on CPU, device time on CUDA).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
-    steps = max(2, min(3, s.args.iters))
+    cuda = s.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 3
+    dist.barrier()
     with profile(activities=activities, record_shapes=False) as prof:
         for _ in range(steps):
             train_step(peer, x, g, s.args.aux_coef)
         _sync(s.device)
     _zero_grads(peer, x)
-    if s.rank == 0:
-        sort_by = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=60)
-        path = out_dir / f"moe_layer_{s.args.device}{s.args.tag}_profile_{peer.name}.txt"
-        header = f"# {peer.name}: torch.profiler over {steps} fwd+bwd steps on rank 0 (times are totals over the steps)\n"
-        write_text(path, header + table)
-        logger.info("wrote %s", path)
+    dist.barrier()
+    if s.rank != 0:
+        return []
+    averages = prof.key_averages()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = averages.table(sort_by=sort_by, row_limit=30, max_name_column_width=60)
+    path = out_dir / f"moe_layer_{s.args.device}{s.args.tag}_profile_{peer.name}.txt"
+    header = f"# {peer.name}: torch.profiler over {steps} fwd+bwd steps on rank 0 (times are totals over the steps)\n"
+    write_text(path, header + table)
+    logger.info("wrote %s", path)
+
+    def self_us(evt: Any) -> float:
+        if cuda:
+            return float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)))
+        return float(evt.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in averages) or 1.0
+    top = sorted(averages, key=self_us, reverse=True)[:12]
+    return [
+        {"op": e.key, "self_ms_per_step": self_us(e) / 1e3 / steps, "calls_per_step": e.count / steps,
+         "share": self_us(e) / total}
+        for e in top
+    ]
 
 
 def run_rank(args: argparse.Namespace) -> None:
@@ -615,16 +648,17 @@ def _run(s: Setup) -> None:
                 a.tokens * s.world * a.iters / samples[peer.name][-1],
             )
 
+    profiles: dict[str, list[dict[str, Any]]] = {}
     if a.profile:
         for peer in timed:
-            profile_peer(s, peer, x, g, out_dir)
+            profiles[peer.name] = profile_peer(s, peer, x, g, out_dir)
 
     per_rank = {"rank": s.rank, "rss_peak": rss_peak, "rss_before": rss_before, "gpu_peak": gpu_peak,
                 "peer_info": {p.name: p.info for p in timed}}
     gathered: list[Any] = [None] * s.world
     dist.all_gather_object(gathered, per_rank)
     if s.rank == 0:
-        write_results(s, samples, gathered, agreement, rss_reset_ok)
+        write_results(s, samples, gathered, agreement, rss_reset_ok, profiles)
 
 
 def _now() -> float:
@@ -638,7 +672,12 @@ def _now() -> float:
 
 
 def write_results(
-    s: Setup, samples: dict[str, list[float]], ranks: list[dict[str, Any]], agreement: dict[str, Any], rss_reset_ok: bool
+    s: Setup,
+    samples: dict[str, list[float]],
+    ranks: list[dict[str, Any]],
+    agreement: dict[str, Any],
+    rss_reset_ok: bool,
+    profiles: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Summarise the samples and write ``moe_layer_<device><tag>.json`` and ``.md``."""
     a = s.args
@@ -669,7 +708,8 @@ def write_results(
 
     config = {k: v for k, v in vars(a).items() if k not in ("peer_list",)}
     config.update(world_size=s.world, ep=s.world, global_tokens=global_tokens, flops_per_step=flops_step,
-                  dtype_torch=str(s.dtype), peak_flops_per_device=peak, device_name=device_name)
+                  dtype_torch=str(s.dtype), peak_flops_per_device=peak, device_name=device_name,
+                  malloc_env={k: os.environ.get(k) for k in MALLOC_TUNED_ENV})
     result = {
         "benchmark": "moe_layer",
         "description": "MoE layer forward+backward throughput, expert parallel over all ranks, dropless top-k",
@@ -688,6 +728,7 @@ def write_results(
         },
         "agreement_ours_vs_deepspeed": agreement,
         "peers": {r["rank"]: r["peer_info"] for r in ranks}.get(0, {}),
+        "profile_top_ops_rank0": profiles,
         "samples_s_per_repeat": samples,
         "summary": summaries,
     }
@@ -734,7 +775,8 @@ def render_markdown(s: Setup, result: dict[str, Any]) -> str:
         f"E={a.experts}, top-{a.top_k}, d={a.dim}, F={a.ffn} (SwiGLU), {a.tokens} tokens/rank x {s.world} ranks, "
         f"EP={s.world}, {a.dtype}, dropless; {a.repeats} interleaved repeats x {a.iters} steps "
         f"(+{a.warmup} warm-up), median over repeats, time of the slowest rank. "
-        f"{'NCCL' if cuda else 'Gloo'}, {'1 GPU' if cuda else f'{a.threads} thread(s)'} per rank; "
+        f"{'NCCL' if cuda else 'Gloo'}, {'1 GPU' if cuda else f'{a.threads} thread(s)'} per rank"
+        f"{'' if cuda else f', glibc malloc {a.malloc}'}; "
         f"device: {cfg['device_name']}. torch {result['versions']['torch']}, deepspeed {result['versions']['deepspeed']}.",
         "",
         markdown_table(headers, rows),
@@ -751,6 +793,10 @@ def render_markdown(s: Setup, result: dict[str, Any]) -> str:
             f"the T*k useful rows, and its all-to-alls move the padded [E, C, d] buffers. That is its algorithm and "
             f"is kept. Load max/mean over experts (global): {ag['load_max_over_mean']:.3f}.",
         ]
+    for name, ops in result.get("profile_top_ops_rank0", {}).items():
+        if ops:
+            top = ", ".join(f"{o['op']} {o['self_ms_per_step']:.0f} ms ({100 * o['share']:.0f}%)" for o in ops[:6])
+            lines.append(f"- Profile of {name} (rank 0, self time per step): {top}.")
     lines += [
         "- Peak RSS is VmHWM while that system ran (reset before each repeat), so it includes the process baseline "
         "(interpreter, libraries, both systems' weights).",
@@ -781,12 +827,19 @@ def main(argv: list[str] | None = None) -> None:
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if under_launcher:
         world = int(os.environ["WORLD_SIZE"])
+        if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in MALLOC_TUNED_ENV.items()):
+            logging.getLogger(__name__).warning(
+                "--malloc tuned under a launcher: export %s before starting it (glibc reads them at process start)",
+                " ".join(f"{k}={v}" for k, v in MALLOC_TUNED_ENV.items()),
+            )
         if world != args.nproc:
             args.nproc = world
             validate_args(args)
         run_rank(args)
         return
     setup_logging(None, logging.getLevelName(args.log_level.upper()))
+    if args.malloc == "tuned":
+        os.environ.update(MALLOC_TUNED_ENV)  # read by glibc at start-up of the spawned ranks
     logger.info("spawning %d processes (%s, %s)", args.nproc, args.device, args.dtype)
     import torch.multiprocessing as mp
 

@@ -11,6 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from system.config.fssdp import FSSDPConfig
 from system.config.model import ModelConfig
 from system.config.moe import MoEConfig
 from system.config.parallel import ParallelConfig
@@ -29,6 +30,11 @@ SCENARIOS: dict[str, dict] = {
     "idle_expert": dict(world=2, ep=2, routing="skip3"),
     "one_expert": dict(world=2, ep=2, top_k=1, routing="all5"),
     "capacity": dict(world=2, ep=2, capacity=1.0, routing="skew"),
+    # FSSDP (Hecate): skewed routing so hot experts get replicas; re-sharding after step 2 of 3.
+    "fssdp2": dict(world=2, ep=1, mode="fssdp", routing="skew"),
+    "fssdp2_rm": dict(world=2, ep=1, mode="fssdp", routing="skew", rm=True),
+    "fssdp4": dict(world=4, ep=1, mode="fssdp", routing="skew"),
+    "fssdp4_rm_fsdp": dict(world=4, ep=1, mode="fssdp", routing="skew", rm=True, dense="fsdp"),
 }
 
 
@@ -37,9 +43,15 @@ def configs(s: dict) -> tuple[ModelConfig, MoEConfig, ParallelConfig, TrainingCo
                         tie_embeddings=s.get("tie", True))
     moe = MoEConfig(num_experts=8, top_k=s.get("top_k", 2), expert_dim=48, num_shared_experts=s.get("shared", 0),
                     capacity_factor=s.get("capacity", 0.0), aux_loss_coef=0.01, z_loss_coef=0.001)
-    par = ParallelConfig(dp=s.get("dp", 1), ep=s["ep"], dense=s.get("dense", "replicate"))
+    par = ParallelConfig(dp=s.get("dp", -1), ep=s["ep"], dense=s.get("dense", "replicate"),
+                         expert_mode=s.get("mode", "ep"))
     train = TrainingConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5, warmup_steps=0, steps=STEPS)
     return model, moe, par, train
+
+
+def fssdp_config(s: dict) -> FSSDPConfig:
+    return FSSDPConfig(load_window=2, overlap_budget=1, memory_budget=2, reshard_interval=2,
+                       rematerialize=s.get("rm", False), ranks_per_node=2)
 
 
 def build(s: dict) -> MoETransformer:

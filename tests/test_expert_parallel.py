@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from ep_scenarios import (
-    BATCH_PER_RANK, SCENARIOS, build, configs, forced_routing, global_batches, reference_run, set_routing,
+    BATCH_PER_RANK, SCENARIOS, build, configs, forced_routing, fssdp_config, global_batches, reference_run,
+    set_routing,
 )
 from _dist import run_workers
 
@@ -28,6 +29,14 @@ def _full_grads(model, mesh) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
+        if name.endswith(".owned"):  # FSSDP: gather the owners' rows into the global [E, ...] layout
+            module = model.get_submodule(name.rpartition(".")[0])
+            saved = module.owned.data
+            module.owned.data = g
+            for wname, w in zip(("w1", "w2", "w3"), module.full_weights()):
+                out[name.rpartition(".")[0] + "." + wname] = w.clone()
+            module.owned.data = saved
+            continue
         if isinstance(g, DTensor):
             g = g.full_tensor()
         elif _expert_owner(model, name) is not None:
@@ -50,9 +59,9 @@ def _distributed_run(rank: int, world: int, names: list[str]) -> dict:
         dims = ParallelDims.from_config(par.dp, par.ep, world)
         mesh = dims.build_mesh("cpu")
         model = build(s)
-        parallelize_model(model, mesh, par)
+        fssdp = parallelize_model(model, mesh, par, fssdp=fssdp_config(s))
         opt = build_optimizer(model, train_cfg)
-        out = {"loss": [], "grad_norm": [], "dropped": 0}
+        out = {"loss": [], "grad_norm": [], "dropped": 0, "resharded": False, "max_replicas": 0}
         rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
         for step, (x, y) in enumerate(global_batches(s)):
             forced = forced_routing(s, step, x.numel())
@@ -61,6 +70,9 @@ def _distributed_run(rank: int, world: int, names: list[str]) -> dict:
             set_routing(model, forced)
             x, y = x[rows], y[rows]
             opt.zero_grad(set_to_none=True)
+            if fssdp is not None:
+                fssdp.begin_step()
+                out["max_replicas"] = max(out["max_replicas"], max(int(st.placement.sum(1).max()) for st in fssdp.states))
             logits = model(x)
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             (ce + model.aux_loss()).backward()
@@ -71,11 +83,13 @@ def _distributed_run(rank: int, world: int, names: list[str]) -> dict:
                 out["grads"] = _full_grads(model, mesh)
             out["grad_norm"].append(float(clip_grad_norm_(model, mesh, train_cfg.max_grad_norm)))
             opt.step()
+            if fssdp is not None:
+                out["resharded"] |= fssdp.end_step(opt)
             loss = ce.detach().clone()
             dist.all_reduce(loss)
             out["loss"].append(loss.item() / world)
         out["params"] = full_state_dict(model, mesh)
-        out["expert_offsets"] = [m.experts.expert_offset for m in model.moe_layers()]
+        out["expert_offsets"] = [getattr(m.experts, "expert_offset", None) for m in model.moe_layers()]
         results[name] = out
         dist.barrier()
     return results
@@ -119,6 +133,14 @@ def test_matches_single_process(name: str, distributed_results) -> None:
     if s.get("capacity"):
         assert ref["dropped"] > 0, "the capacity scenario must actually drop tokens"
         assert sum(r["dropped"] for r in ranks) == ref["dropped"]
+
+
+def test_fssdp_replicates_and_reshards(distributed_results) -> None:
+    """The FSSDP scenarios really exercise sparse materialization and a re-sharding."""
+    for name in ("fssdp2", "fssdp2_rm", "fssdp4", "fssdp4_rm_fsdp"):
+        first = distributed_results[name][0]
+        assert first["max_replicas"] >= 2, f"{name}: no expert was materialized beyond its owner"
+        assert first["resharded"], f"{name}: ownership never changed"
 
 
 def test_experts_sharded_by_global_index(distributed_results) -> None:

@@ -29,6 +29,15 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
+def _fssdp_owner(model: nn.Module, name: str):
+    """The FSSDP experts module whose ``owned`` buffer ``name`` is, else None."""
+    module_name, _, leaf = name.rpartition(".")
+    if leaf != "owned":
+        return None
+    module = model.get_submodule(module_name)
+    return module if hasattr(module, "full_weights") else None
+
+
 def _expert_owner(model: nn.Module, name: str) -> GroupedExperts | None:
     module_name, _, _ = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -44,6 +53,12 @@ def full_state_dict(model: nn.Module, mesh: DeviceMesh) -> dict[str, torch.Tenso
     """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
+        fssdp = _fssdp_owner(model, name)
+        if fssdp is not None:
+            prefix = name.rpartition(".")[0]
+            for wname, w in zip(("w1", "w2", "w3"), fssdp.full_weights()):
+                out[f"{prefix}.{wname}"] = w.detach().to("cpu").contiguous()
+            continue
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
         elif _expert_owner(model, name) is not None:
@@ -107,6 +122,10 @@ def load_model(model: nn.Module, path: str | Path) -> None:
     with safe_open(str(file), framework="pt", device="cpu") as f:
         saved = set(f.keys())
         for name, target in state.items():
+            fssdp = _fssdp_owner(model, name)
+            if fssdp is not None:
+                _load_fssdp_rows(f, file, name.rpartition(".")[0], fssdp, target)
+                continue
             if name not in saved:
                 raise KeyError(f"tensor {name!r} missing from {file}")
             sl = f.get_slice(name)
@@ -125,6 +144,23 @@ def load_model(model: nn.Module, path: str | Path) -> None:
             else:
                 _check_shape(name, file, saved_shape, tuple(target.shape))
                 target.copy_(sl[:])
+
+
+def _load_fssdp_rows(f, file: Path, prefix: str, module, target: torch.Tensor) -> None:
+    """Fill an FSSDP owned buffer ``[n_owned, P]`` from the saved global ``w1``/``w2``/``w3``."""
+    d, hid, num = module.dim, module.hidden_dim, module.num_global_experts
+    owned = module.state.ownership.owned(module.state.rank).tolist()
+    offset = 0
+    for wname, shape in (("w1", (num, d, hid)), ("w2", (num, hid, d)), ("w3", (num, d, hid))):
+        key = f"{prefix}.{wname}"
+        if key not in f.keys():
+            raise KeyError(f"tensor {key!r} missing from {file}")
+        sl = f.get_slice(key)
+        _check_shape(key, file, tuple(sl.get_shape()), shape)
+        width = shape[1] * shape[2]
+        for row, expert in enumerate(owned):
+            target[row, offset : offset + width].copy_(sl[expert : expert + 1].reshape(-1))
+        offset += width
 
 
 def _check_shape(name: str, file: Path, saved: tuple, expected: tuple) -> None:

@@ -2,6 +2,7 @@
 
 from system.config.checkpoint import CheckpointConfig
 from system.config.data import DataConfig
+from system.config.fssdp import FSSDPConfig
 from system.config.job import JobConfig
 from system.config.loader import (
     ConfigError,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "FSSDPConfig",
     "JobConfig",
     "MetricsConfig",
     "ModelConfig",

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from system.config.checkpoint import CheckpointConfig
 from system.config.data import DataConfig
+from system.config.fssdp import FSSDPConfig
 from system.config.metrics import MetricsConfig
 from system.config.model import ModelConfig
 from system.config.moe import MoEConfig
@@ -20,6 +21,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -28,9 +30,9 @@ class JobConfig:
 
     def validate(self) -> None:
         """Validate every section; raises ``ValueError`` naming the offending key."""
-        for section in (self.model, self.moe, self.parallel, self.data, self.training):
+        for section in (self.model, self.moe, self.parallel, self.fssdp, self.data, self.training):
             section.validate()
-        if self.moe.num_experts % self.parallel.ep:
+        if self.parallel.expert_mode == "ep" and self.moe.num_experts % self.parallel.ep:
             raise ValueError(
                 f"moe.num_experts={self.moe.num_experts} does not divide by the expert-parallel degree "
                 f"parallel.ep={self.parallel.ep}"

@@ -12,6 +12,13 @@ class ParallelConfig:
 
     dp: int = field(default=-1, metadata={"help": "Data-parallel replicas of the experts; -1: world size / ep."})
     ep: int = field(default=1, metadata={"help": "Expert-parallel degree: ranks the experts of a layer are split over."})
+    expert_mode: Literal["ep", "fssdp"] = field(
+        default="ep",
+        metadata={
+            "help": "ep: experts split over the ep dimension with all-to-all dispatch; fssdp: every expert "
+            "owned by one rank and materialized sparsely where tokens need it (Hecate; see [fssdp])."
+        },
+    )
     dense: Literal["replicate", "fsdp"] = field(
         default="replicate",
         metadata={"help": "Dense (non-expert) parameters: replicated + all-reduce, or FSDP2 fully sharded."},

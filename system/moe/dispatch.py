@@ -105,11 +105,7 @@ class AllToAllDispatcher:
         in_splits = send.sum(dim=1).tolist()
         out_splits = recv.sum(dim=1).tolist()
         received = all_to_all(x, out_splits, in_splits, self.group)
-        # (source, expert) order -> (expert, source) order.
-        seg_sizes = recv.flatten()
-        seg_ids = torch.arange(seg_sizes.numel(), device=x.device).view(self.ep, self.num_local).t().flatten()
-        starts = torch.cumsum(seg_sizes, 0) - seg_sizes
-        perm = _segment_gather_index(starts[seg_ids], seg_sizes[seg_ids])
+        perm = expert_major_permutation(recv)
         self._state = (perm, in_splits, out_splits)
         return received[perm], recv.sum(dim=0)
 
@@ -122,6 +118,23 @@ class AllToAllDispatcher:
         self._state = None
         unperm = torch.zeros_like(y).index_copy(0, perm, y)
         return all_to_all(unperm, in_splits, out_splits, self.group)
+
+
+def expert_major_permutation(recv: torch.Tensor) -> torch.Tensor:
+    """Row permutation from (source rank, expert) order to (expert, source rank) order.
+
+    Args:
+        recv: ``[S, E_loc]`` int64, rows received from source s for local expert e, laid out
+            source-major (all of source 0's rows by expert, then source 1's, ...).
+
+    Returns:
+        ``[sum(recv)]`` int64 indices ``perm`` such that ``rows[perm]`` is expert-major.
+    """
+    num_src, num_exp = recv.shape
+    seg_sizes = recv.flatten()
+    seg_ids = torch.arange(seg_sizes.numel(), device=recv.device).view(num_src, num_exp).t().flatten()
+    starts = torch.cumsum(seg_sizes, 0) - seg_sizes
+    return _segment_gather_index(starts[seg_ids], seg_sizes[seg_ids])
 
 
 def _segment_gather_index(starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
         param_dtype: compute dtype for the all-gathered parameters (e.g. bf16 on CUDA), or None.
     """
     world = mesh._flatten("dp_ep") if mesh.ndim > 1 else mesh
-    _, expert = split_parameters(model)
-    ignored = set(expert)
+    ignored = set(split_parameters(model).experts)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=world, ignored_params=ignored, mp_policy=mp)

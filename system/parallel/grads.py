@@ -52,16 +52,21 @@ def sync_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
       FSDP2-sharded dense parameters (DTensors) were already reduce-scattered and are skipped.
     - Expert parameters: all-reduce over the ``dp`` mesh dimension (replicas of the same experts),
       divide by W.
+    - FSSDP owned expert rows: SparseReduceScatter already summed every copy's gradient on the
+      owner during backward; divide by W.
     """
     world = mesh.size()
-    dense, expert = split_parameters(model)
-    replicated = [p for p in dense if p.requires_grad and not isinstance(p, DTensor)]
+    split = split_parameters(model)
+    replicated = [p for p in split.dense if p.requires_grad and not isinstance(p, DTensor)]
     if replicated and world > 1:
         _flat_all_reduce(_ensure_grads(replicated), dist.group.WORLD, 1.0 / world)
-    expert = [p for p in expert if p.requires_grad]
+    expert = [p for p in split.ep_experts if p.requires_grad]
     if expert:
         dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
         _flat_all_reduce(_ensure_grads(expert), dp_group, 1.0 / world)
+    owned = [p for p in split.fssdp_experts if p.requires_grad]
+    if owned:
+        _flat_all_reduce(_ensure_grads(owned), None, 1.0 / world)
 
 
 @torch.no_grad()
@@ -73,7 +78,8 @@ def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh, max_norm: float) -> torc
     ``dp`` times, so their squares are divided by ``dp`` before the one all-reduce). Call after
     :func:`sync_gradients`.
     """
-    dense, expert = split_parameters(model)
+    split = split_parameters(model)
+    dense, expert = split.dense, split.ep_experts
     dp = mesh["dp"].size()
     device = next(model.parameters()).device
     local_sq = torch.zeros((), dtype=torch.float64, device=device)
@@ -92,6 +98,10 @@ def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh, max_norm: float) -> torc
     for p in expert:
         if p.grad is not None:
             shared_sq += p.grad.double().square().sum() / dp
+            grads.append(p.grad)
+    for p in split.fssdp_experts:  # one owner per expert row
+        if p.grad is not None:
+            shared_sq += p.grad.double().square().sum()
             grads.append(p.grad)
     if mesh.size() > 1:
         dist.all_reduce(shared_sq)

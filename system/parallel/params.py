@@ -1,10 +1,32 @@
-"""Which parameters are expert parameters (sharded on the expert axis) and which are dense."""
+"""Which parameters are dense, expert-parallel experts, or FSSDP-owned experts."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch.nn as nn
 
 from system.moe.experts import GroupedExperts
+
+
+@dataclass
+class ParamSplit:
+    """Parameters of a model by how their gradients are reduced.
+
+    Attributes:
+        dense: replicated (or FSDP2-sharded) parameters: gradient averaged over all ranks.
+        ep_experts: expert rows under expert parallelism: gradient summed over the ``dp`` replicas.
+        fssdp_experts: FSSDP owned expert rows: gradient already summed on the owner by
+            SparseReduceScatter.
+    """
+
+    dense: list[nn.Parameter]
+    ep_experts: list[nn.Parameter]
+    fssdp_experts: list[nn.Parameter]
+
+    @property
+    def experts(self) -> list[nn.Parameter]:
+        return self.ep_experts + self.fssdp_experts
 
 
 def expert_modules(model: nn.Module) -> list[GroupedExperts]:
@@ -12,10 +34,22 @@ def expert_modules(model: nn.Module) -> list[GroupedExperts]:
     return [m for m in model.modules() if isinstance(m, GroupedExperts)]
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(dense, expert)`` parameter lists of ``model`` (each parameter once)."""
-    expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
-    dense, expert = [], []
+def split_parameters(model: nn.Module) -> ParamSplit:
+    """Split ``model``'s parameters (each once) into a :class:`ParamSplit`.
+
+    FSSDP expert modules are recognised by their ``owned`` parameter and ``state`` attribute
+    (``system.parallel.fssdp.layer.FSSDPExperts``), without importing that package here.
+    """
+    ep_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
+    fssdp_ids = {
+        id(m.owned) for m in model.modules() if hasattr(m, "owned") and hasattr(m, "state") and not isinstance(m, GroupedExperts)
+    }
+    split = ParamSplit([], [], [])
     for p in model.parameters():
-        (expert if id(p) in expert_ids else dense).append(p)
-    return dense, expert
+        if id(p) in ep_ids:
+            split.ep_experts.append(p)
+        elif id(p) in fssdp_ids:
+            split.fssdp_experts.append(p)
+        else:
+            split.dense.append(p)
+    return split

@@ -108,7 +108,7 @@ class Trainer:
             self.model = MoETransformer(cfg.model, cfg.moe)
         self.model.init_weights(seed=tcfg.seed)
         self.num_params, self.active_params = self.model.num_params()
-        parallelize_model(self.model, self.mesh, cfg.parallel, param_dtype=self.amp_dtype)
+        self.fssdp = parallelize_model(self.model, self.mesh, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_lr_scheduler(self.optimizer, tcfg)
 
@@ -158,6 +158,8 @@ class Trainer:
         tcfg = self.cfg.training
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fssdp is not None:
+            self.fssdp.begin_step()
         moe_layers = self.model.moe_layers()
         ce_sum = aux_sum = z_sum = 0.0
         load = [torch.zeros(self.cfg.moe.num_experts, device=self.device) for _ in moe_layers]
@@ -181,6 +183,8 @@ class Trainer:
         norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.fssdp is not None:
+            self.fssdp.end_step(self.optimizer)
         self.step += 1
         n_moe = max(len(moe_layers), 1)
         loss, aux_mean, z_mean, dropped, made = self._mean_over_ranks(
@@ -272,6 +276,8 @@ class Trainer:
         }
         for i, value in enumerate(imbalance):
             rec[f"moe/imbalance/layer{i}"] = value
+        if self.fssdp is not None:
+            rec.update(self.fssdp.metrics())
         if self.peak:
             rec["mfu_pct"] = 100.0 * self.flops_per_token * tps / (self.peak * self.world)
         return rec

@@ -1,0 +1,184 @@
+"""Apply FSSDP to a model, and drive it once per iteration (placement, loads, re-sharding).
+
+``apply_fssdp`` replaces every MoE layer's experts by :class:`FSSDPExperts` (uniform initial
+ownership) and its dispatcher by :class:`FSSDPDispatcher`. The returned :class:`FSSDPController`
+is called by the trainer: ``begin_step()`` before the forward pass computes each layer's placement
+from the moving-average loads (Hecate Algorithm 1); ``end_step(optimizer)`` after the optimizer
+step records the iteration's loads and, every ``reshard_interval`` iterations, re-assigns owners by
+load (Algorithm 2), moving parameters and AdamW state with ownership, exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from system.config.fssdp import FSSDPConfig
+from system.moe.layer import MoELayer
+from system.parallel.fssdp.layer import FSSDPDispatcher, FSSDPExperts, FSSDPLayerState
+from system.parallel.fssdp.ownership import Ownership
+from system.parallel.fssdp.placement import LoadTracker, estimate_overlap_budget, sparse_materialization
+from system.parallel.fssdp.resharding import heterogeneous_sharding, reshard
+
+logger = logging.getLogger(__name__)
+
+
+def owner_only_placement(ownership: Ownership, world_size: int) -> torch.Tensor:
+    """``[E, W]`` placement where each expert is materialized on its owner only."""
+    placement = torch.zeros(ownership.owner.numel(), world_size, dtype=torch.bool)
+    placement[torch.arange(ownership.owner.numel()), ownership.owner] = True
+    return placement
+
+
+def apply_fssdp(model: nn.Module, cfg: FSSDPConfig, group=None) -> "FSSDPController":
+    """Shard every MoE layer's experts FSSDP-style over the ranks of ``group`` (default: world).
+
+    Call after the weights are initialised identically on every rank and before the optimizer is
+    built (the owned rows are new parameters).
+
+    Returns:
+        The :class:`FSSDPController` the training loop must call every iteration.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rpn = cfg.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    states = []
+    for moe in (m for m in model.modules() if isinstance(m, MoELayer)):
+        ownership = Ownership.uniform(moe.num_experts, world)
+        state = FSSDPLayerState(
+            ownership=ownership, placement=owner_only_placement(ownership, world),
+            tracker=LoadTracker(cfg.load_window, moe.num_experts), rank=rank, world_size=world, ranks_per_node=rpn,
+            group=group, rematerialize=cfg.rematerialize,
+        )
+        moe.experts = FSSDPExperts(moe.experts, state)
+        moe.dispatcher = FSSDPDispatcher(state, moe.num_experts)
+        if world > 1:
+            moe.stats_group = group if group is not None else dist.group.WORLD
+        states.append(state)
+    return FSSDPController(model, states, cfg)
+
+
+class FSSDPController:
+    """Per-iteration FSSDP bookkeeping for all MoE layers of one model (see module docstring)."""
+
+    def __init__(self, model: nn.Module, states: list[FSSDPLayerState], cfg: FSSDPConfig):
+        self.model = model
+        self.states = states
+        self.cfg = cfg
+        self.step = 0
+        self.overlap_budget = cfg.overlap_budget if cfg.overlap_budget >= 0 else cfg.memory_budget
+        self._timing: dict[str, float] = {}
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoELayer)]
+
+    def begin_step(self) -> None:
+        """Compute every layer's placement for this iteration from its moving-average load."""
+        for st in self.states:
+            st.placement = sparse_materialization(
+                st.tracker.load, st.ownership, st.world_size, st.ranks_per_node,
+                self.overlap_budget, self.cfg.memory_budget,
+            )
+
+    def end_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Record this iteration's loads; re-shard every ``reshard_interval`` steps.
+
+        Returns:
+            Whether ownership changed (a re-sharding moved experts).
+        """
+        self.step += 1
+        for moe, st in zip(self.moe_layers(), self.states):
+            if moe.last_stats is not None:
+                st.tracker.update(moe.last_stats.tokens_per_expert.detach().cpu())
+        if self.cfg.overlap_budget < 0 and self.step == 2:
+            self._estimate_overlap_budget()
+        if self.cfg.reshard_interval and self.step % self.cfg.reshard_interval == 0:
+            return self.reshard(optimizer)
+        return False
+
+    def reshard(self, optimizer: torch.optim.Optimizer | None) -> bool:
+        """Re-assign owners by load (Algorithm 2) and move owned rows and optimizer state."""
+        moved = False
+        for moe, st in zip(self.moe_layers(), self.states):
+            new = heterogeneous_sharding(st.tracker.load, st.world_size, previous=st.ownership)
+            if torch.equal(new.owner, st.ownership.owner) and torch.equal(new.slot, st.ownership.slot):
+                continue
+            experts: FSSDPExperts = moe.experts
+            old_param = experts.owned
+            opt_state = optimizer.state.get(old_param, {}) if optimizer is not None else {}
+            keys = [k for k, v in opt_state.items() if torch.is_tensor(v) and v.shape == old_param.shape]
+            tensors = [old_param.detach()] + [opt_state[k] for k in keys]
+            moved_tensors = reshard(tensors, st.ownership, new, st.group)
+            new_param = nn.Parameter(moved_tensors[0].clone(), requires_grad=old_param.requires_grad)
+            experts.owned = new_param
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["params"] = [new_param if p is old_param else p for p in group["params"]]
+                if old_param in optimizer.state:
+                    state = optimizer.state.pop(old_param)
+                    for k, t in zip(keys, moved_tensors[1:]):
+                        state[k] = t
+                    optimizer.state[new_param] = state
+            st.ownership = new
+            st.placement = torch.zeros_like(st.placement)
+            st.placement[torch.arange(new.owner.numel()), new.owner] = True
+            moved = True
+        if moved:
+            logger.info("fssdp: re-sharded expert ownership at step %d", self.step)
+        return moved
+
+    def _estimate_overlap_budget(self) -> None:
+        """t = attention time x gather bandwidth / expert bytes (DESIGN.md sec. 3), agreed by all ranks.
+
+        Times one attention forward and one SparseAllGather of the first MoE layer on this rank;
+        every rank takes the minimum so placements stay identical.
+        """
+        layers = [b for b in getattr(self.model, "layers", []) if getattr(b, "moe", None) is not None]
+        if not layers:
+            return
+        block = layers[0]
+        experts: FSSDPExperts = block.moe.experts
+        st = experts.state
+        dim = block.attention.wq.in_features
+        x = torch.randn(1, 256, dim, device=experts.owned.device)
+        rope = self.model.rope[:256] if hasattr(self.model, "rope") else None
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            block.attention(x, rope)
+            t_attn = time.perf_counter() - t0
+            full = torch.ones(st.placement.shape, dtype=torch.bool)
+            saved, st.placement = st.placement, full
+            dist.barrier(group=st.group)
+            t0 = time.perf_counter()
+            experts.gather()
+            t_gather = time.perf_counter() - t0
+            st.placement = saved
+        remote = max(full.shape[0] - st.ownership.num_owned(st.rank), 1)
+        bytes_moved = remote * experts.expert_numel * experts.owned.element_size()
+        t = estimate_overlap_budget(t_attn, bytes_moved / max(t_gather, 1e-9), experts.expert_numel * experts.owned.element_size())
+        agreed = torch.tensor([t], dtype=torch.long)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=st.group)
+        self.overlap_budget = int(agreed.item())
+        logger.info("fssdp: estimated overlap budget t=%d experts (memory budget m=%d)",
+                    self.overlap_budget, self.cfg.memory_budget)
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars for TensorBoard: replicas per expert, bytes moved, expert tokens (since last call)."""
+        out: dict[str, float] = {"fssdp/overlap_budget": float(self.overlap_budget)}
+        gather = reduce = tokens = 0
+        for i, st in enumerate(self.states):
+            replicas = st.placement.sum(dim=1).float()
+            out[f"fssdp/replicas_mean/layer{i}"] = float(replicas.mean())
+            out[f"fssdp/replicas_max/layer{i}"] = float(replicas.max())
+            gather += st.stats["gather_bytes"]
+            reduce += st.stats["reduce_bytes"]
+            tokens += st.stats["expert_tokens"]
+            st.stats = {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0}
+        out["fssdp/gather_bytes"] = float(gather)
+        out["fssdp/reduce_bytes"] = float(reduce)
+        out["fssdp/expert_tokens"] = float(tokens)
+        return out

@@ -1,0 +1,240 @@
+"""FSSDP inside one MoE layer: owned flat expert buffer, sparse materialization, token routing.
+
+Hecate (arXiv 2502.02581), sec. 4: every expert has exactly one owner, which keeps its parameters
+(one row of a flat ``[n_owned, P]`` buffer, ``P`` = parameters of one SwiGLU expert) and its AdamW
+state. Each iteration the layer's placement ``[E, W]`` says where experts are materialized;
+SparseAllGather copies owners' rows to those ranks before the experts run, tokens go to a
+materialized replica (local first, then same node, then anywhere), and after backward
+SparseReduceScatter sums the gradient copies back on the owners, which then update their experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from system.moe.dispatch import all_to_all, expert_major_permutation
+from system.moe.experts import GroupedExperts, grouped_matmul, grouped_mm_available
+from system.parallel.fssdp.collectives import materialized_ids, sparse_all_gather, sparse_reduce_scatter
+from system.parallel.fssdp.ownership import Ownership
+from system.parallel.fssdp.placement import LoadTracker, route_tokens
+
+
+@dataclass
+class FSSDPLayerState:
+    """Sharding and placement of one MoE layer, identical on every rank.
+
+    Attributes:
+        ownership: owner rank and buffer row of each expert.
+        placement: ``[E, W]`` bool, experts materialized on each rank this iteration.
+        tracker: moving average of the layer's expert loads (tokens per expert).
+        rank, world_size, ranks_per_node: this rank and the layout, for routing.
+        group: process group (all ranks).
+        rematerialize: free materialized experts after forward, gather again for backward.
+        stats: bytes moved by the sparse collectives and expert tokens computed, since the last reset.
+    """
+
+    ownership: Ownership
+    placement: torch.Tensor
+    tracker: LoadTracker
+    rank: int
+    world_size: int
+    ranks_per_node: int
+    group: object = None
+    rematerialize: bool = False
+    stats: dict = field(default_factory=lambda: {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0})
+
+    @property
+    def mat_ids(self) -> torch.Tensor:
+        """Expert ids materialized on this rank, ascending."""
+        return materialized_ids(self.placement, self.rank)
+
+
+class FSSDPDispatcher:
+    """Sends each token copy to a rank where its expert is materialized, and back.
+
+    Destinations come from :func:`~system.parallel.fssdp.placement.route_tokens`; one all-to-all
+    of per-(destination, expert) counts and one uneven all-to-all of rows, as under EP, but the
+    receiving rank groups rows by its *materialized* experts rather than a fixed block.
+    """
+
+    def __init__(self, state: FSSDPLayerState, num_experts: int):
+        self.state = state
+        self.num_experts = num_experts
+        self._saved: tuple | None = None
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[N, d]`` sorted by global expert, ``counts`` ``[E]`` -> rows for this rank's
+        materialized experts ``[M, d]`` (sorted by materialized expert) and their counts ``[n_mat]``."""
+        st = self.state
+        world, num_e = st.world_size, self.num_experts
+        experts = torch.repeat_interleave(torch.arange(num_e, device=x.device), counts)
+        dest = route_tokens(experts.cpu(), st.rank, st.placement, st.ranks_per_node).to(x.device)
+        order = torch.argsort(dest, stable=True)  # by destination, then (stable) by expert
+        send = torch.zeros(world * num_e, dtype=torch.long, device=x.device)
+        send.index_add_(0, dest * num_e + experts, torch.ones_like(dest))
+        send = send.view(world, num_e)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=st.group)
+        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        received = all_to_all(x[order], out_splits, in_splits, st.group)
+        mat = st.mat_ids.to(x.device)
+        recv_mat = recv[:, mat]
+        if int(recv_mat.sum()) != int(recv.sum()):
+            raise RuntimeError(f"rank {st.rank} received tokens for experts it has not materialized")
+        perm = expert_major_permutation(recv_mat)
+        self._saved = (order, perm, in_splits, out_splits)
+        local_counts = recv_mat.sum(0)
+        st.stats["expert_tokens"] += int(local_counts.sum())
+        return received[perm], local_counts
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`dispatch`: outputs ``[M, d]`` back to ``[N, d]`` in the input order."""
+        if self._saved is None:
+            raise RuntimeError("combine() called before dispatch()")
+        order, perm, in_splits, out_splits = self._saved
+        self._saved = None
+        unperm = torch.zeros_like(y).index_copy(0, perm, y)
+        back = all_to_all(unperm, in_splits, out_splits, self.state.group)
+        return torch.zeros_like(back).index_copy(0, order, back)
+
+
+class FSSDPExperts(nn.Module):
+    """The experts of one MoE layer under FSSDP: this rank's owned rows ``owned`` ``[n_owned, P]``.
+
+    Row ``i`` is expert ``ownership.owned(rank)[i]``, flattened as ``[w1 (d*f), w2 (f*d), w3 (d*f)]``.
+    ``forward`` gathers the materialized experts (SparseAllGather), runs them, and its backward
+    returns the owners' gradient (SparseReduceScatter) for ``owned``.
+
+    Args:
+        experts: the layer's full :class:`GroupedExperts` (all E experts, identical on every rank).
+        state: the layer's :class:`FSSDPLayerState`.
+    """
+
+    def __init__(self, experts: GroupedExperts, state: FSSDPLayerState):
+        super().__init__()
+        self.state = state
+        self.num_global_experts = experts.num_global_experts
+        self.dim, self.hidden_dim = experts.w1.shape[1], experts.w1.shape[2]
+        self.grouped_mm = experts.grouped_mm
+        owned = state.ownership.owned(state.rank)
+        full = flatten_experts(experts.w1.detach(), experts.w2.detach(), experts.w3.detach())
+        self.owned = nn.Parameter(full[owned].clone())
+
+    @property
+    def expert_numel(self) -> int:
+        """P: parameters of one expert."""
+        return 3 * self.dim * self.hidden_dim
+
+    def unflatten(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[n, P]`` rows -> views ``w1 [n, d, f]``, ``w2 [n, f, d]``, ``w3 [n, d, f]``."""
+        d, f = self.dim, self.hidden_dim
+        n = rows.shape[0]
+        return (rows[:, : d * f].view(n, d, f), rows[:, d * f : 2 * d * f].view(n, f, d),
+                rows[:, 2 * d * f :].view(n, d, f))
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of rows ``x`` ``[M, d]`` grouped by materialized expert with weights ``rows``."""
+        w1, w2, w3 = self.unflatten(rows)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
+        if rows.shape[0] == 0:
+            return x.new_zeros(0, self.dim)
+        use = self.grouped_mm != "off" and grouped_mm_available(x.device, x.dtype) and x.shape[0] > 0
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.silu(grouped_matmul(x, w1, counts, use)) * grouped_matmul(x, w3, counts, use)
+            return grouped_matmul(h, w2, counts, use)
+
+    def gather(self) -> torch.Tensor:
+        """SparseAllGather of this iteration's materialized experts ``[n_mat, P]`` (a collective)."""
+        st = self.state
+        rows = sparse_all_gather(self.owned.detach(), st.ownership, st.placement, st.group)
+        st.stats["gather_bytes"] += _remote_rows(st) * self.expert_numel * self.owned.element_size()
+        return rows
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[M, d]`` rows for the materialized experts (``counts`` ``[n_mat]``) -> ``[M, d]``."""
+        return _FSSDPExpertFn.apply(x, counts, self.owned, self)
+
+    @torch.no_grad()
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global ``w1 [E, d, f]``, ``w2 [E, f, d]``, ``w3 [E, d, f]`` on every rank (a collective)."""
+        st = self.state
+        counts = [st.ownership.num_owned(r) for r in range(st.world_size)]
+        width = max(counts)
+        padded = self.owned.new_zeros(width, self.expert_numel)
+        padded[: self.owned.shape[0]] = self.owned.detach()
+        parts = [torch.empty_like(padded) for _ in range(st.world_size)]
+        dist.all_gather(parts, padded, group=st.group)
+        full = self.owned.new_empty(self.num_global_experts, self.expert_numel)
+        for r in range(st.world_size):
+            ids = st.ownership.owned(r)
+            full[ids] = parts[r][: len(ids)]
+        return self.unflatten(full)
+
+
+def flatten_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """``w1 [E, d, f]``, ``w2 [E, f, d]``, ``w3 [E, d, f]`` -> flat rows ``[E, 3*d*f]``."""
+    return torch.cat([w1.flatten(1), w2.flatten(1), w3.flatten(1)], dim=1)
+
+
+def _remote_rows(st: FSSDPLayerState) -> int:
+    """Materialized rows on this rank that it does not own (the rows a gather receives)."""
+    return int(st.placement[:, st.rank].sum()) - st.ownership.num_owned(st.rank)
+
+
+class _FSSDPExpertFn(torch.autograd.Function):
+    """Experts computed on sparsely materialized weights; backward reduce-scatters to owners.
+
+    Forward: SparseAllGather the materialized rows, compute. Without re-materialization the
+    expert sub-graph (built on detached leaves) is kept and the materialized rows stay alive until
+    backward; with it, only the inputs are kept, and backward gathers the rows again and recomputes
+    the experts before differentiating. Backward ends with SparseReduceScatter of the rows'
+    gradients, which becomes the gradient of ``owned`` (the sum over all copies).
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts, owned, module: FSSDPExperts):  # noqa: D102
+        ctx.module = module
+        rows = module.gather()
+        if module.state.rematerialize:
+            with torch.no_grad():
+                y = module.compute(x, counts, rows)
+            ctx.save_for_backward(x, counts)
+            ctx.graph = None
+            return y
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_()
+            rows_leaf = rows.requires_grad_()
+            y = module.compute(x_leaf, counts, rows_leaf)
+        ctx.graph = (y, x_leaf, rows_leaf)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad_y):  # noqa: D102
+        module: FSSDPExperts = ctx.module
+        if ctx.graph is None:
+            x, counts = ctx.saved_tensors
+            rows = module.gather()
+            with torch.enable_grad():
+                x_leaf = x.detach().requires_grad_()
+                rows_leaf = rows.requires_grad_()
+                y = module.compute(x_leaf, counts, rows_leaf)
+        else:
+            y, x_leaf, rows_leaf = ctx.graph
+            ctx.graph = None
+        if y.requires_grad:
+            gx, grows = torch.autograd.grad(y, (x_leaf, rows_leaf), grad_y, allow_unused=True)
+        else:
+            gx = grows = None
+        gx = torch.zeros_like(x_leaf) if gx is None else gx
+        grows = torch.zeros_like(rows_leaf) if grows is None else grows
+        st = module.state
+        owned_grad = sparse_reduce_scatter(grows.to(module.owned.dtype), st.ownership, st.placement, st.group)
+        st.stats["reduce_bytes"] += _remote_rows(st) * module.expert_numel * module.owned.element_size()
+        return gx, None, owned_grad, None
