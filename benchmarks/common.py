@@ -204,14 +204,19 @@ def _mem_total_bytes() -> int | None:
 
 
 def host_info() -> dict[str, Any]:
-    """Description of the machine and software: OS, CPU, cores, memory, Python, torch, GPUs."""
+    """Description of the machine and software: OS, CPU, cores, memory, Python, torch, GPUs.
+
+    ``logical_cpus`` is the machine's CPU count; ``cpus_in_affinity`` those the calling process may
+    use (smaller when a benchmark pinned its ranks).
+    """
     info: dict[str, Any] = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        # CPUs the calling process may run on now (after any pinning of benchmark ranks).
+        "cpus_in_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "mem_total_bytes": _mem_total_bytes(),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -58,7 +58,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,14 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    Stopwatch,
+    current_rss_bytes,
     format_bytes,
     free_port,
     host_info,
     markdown_table,
     package_versions,
     peak_rss_bytes,
-    current_rss_bytes,
     reset_peak_rss,
     setup_logging,
     summarize,
@@ -107,7 +108,7 @@ PEAK_BF16_FLOPS = (
 # freed in one step is reused in the next instead of being unmapped and page-faulted in again.
 MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
-CPU_DEFAULTS = dict(nproc=2, dtype="fp32", dim=512, ffn=1024, experts=8, tokens=4096, iters=3, warmup=2)
+CPU_DEFAULTS = dict(nproc=2, dtype="fp32", dim=512, ffn=1024, experts=8, tokens=4096, iters=5, warmup=2)
 CUDA_DEFAULTS = dict(nproc=1, dtype="bf16", dim=4096, ffn=14336, experts=8, tokens=16384, iters=10, warmup=5)
 
 
@@ -117,7 +118,9 @@ CUDA_DEFAULTS = dict(nproc=1, dtype="bf16", dim=4096, ffn=14336, experts=8, toke
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; device-dependent defaults are filled in afterwards."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dim", type=int, help="model width d (cpu 512, cuda 4096)")
     p.add_argument("--ffn", type=int, help="expert hidden size F (cpu 1024, cuda 14336)")
@@ -126,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, help="tokens per rank (cpu 4096, cuda 16384)")
     p.add_argument("--seq-len", type=int, default=1024, help="input is [tokens/seq_len, seq_len, d]")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per peer (interleaved)")
-    p.add_argument("--iters", type=int, help="fwd+bwd steps per repeat (cpu 3, cuda 10)")
+    p.add_argument("--iters", type=int, help="fwd+bwd steps per repeat (cpu 5, cuda 10)")
     p.add_argument("--warmup", type=int, help="untimed steps per peer before timing (cpu 2, cuda 5)")
     p.add_argument("--nproc", type=int, help="processes = EP degree (cpu 2, cuda 1)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process on CPU")
@@ -251,7 +254,9 @@ def build_ours(s: Setup, global_weights: dict[str, torch.Tensor]) -> Peer:
     from system.parallel.expert_parallel import apply_ep
 
     a = s.args
-    cfg = MoEConfig(num_experts=a.experts, top_k=a.top_k, expert_dim=a.ffn, aux_loss_coef=a.aux_coef, capacity_factor=0.0)
+    cfg = MoEConfig(
+        num_experts=a.experts, top_k=a.top_k, expert_dim=a.ffn, aux_loss_coef=a.aux_coef, capacity_factor=0.0
+    )
     cfg.validate()
     torch.manual_seed(a.seed)  # identical global weights on every rank before apply_ep slices them
     layer = MoELayer(a.dim, cfg)
@@ -305,7 +310,9 @@ def build_deepspeed(s: Setup, global_weights: dict[str, torch.Tensor]) -> Peer:
     supported = inspect.signature(MoE.__init__).parameters
     if "top2_2nd_expert_sampling" in supported:
         kwargs["top2_2nd_expert_sampling"] = False  # deterministic top-2, as ours
-    with contextlib.redirect_stdout(sys.stderr if s.rank == 0 else open(os.devnull, "w")):  # noqa: SIM115
+    with contextlib.ExitStack() as stack:  # DeepSpeed prints group creation to stdout: rank 0 -> stderr, others muted
+        sink = sys.stderr if s.rank == 0 else stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(sink))
         moe = MoE(**kwargs)
         # deepspeed.initialize() normally does this; we use the layer without an engine.
         moe.set_deepspeed_parallelism()
@@ -389,9 +396,11 @@ def build_megatron(s: Setup, global_weights: dict[str, torch.Tensor]) -> Peer:  
     layer = MegatronMoELayer(cfg, spec.submodules.mlp.submodules).to(device=s.device, dtype=s.dtype)
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Megatron's layout is [S, B, d]; only the token count matters to the layer.
-        out, _bias = layer(x.transpose(0, 1))
-        return out.transpose(0, 1), None
+        # Megatron's layout is [S, B, d] and it flattens with .view(); an MoE layer is token-wise, so
+        # reinterpreting the contiguous [B, S, d] input as [S, B, d] (no copy) gives it the same tokens.
+        batch, seq, dim = x.shape
+        out, _bias = layer(x.view(seq, batch, dim))
+        return out.view(batch, seq, dim), None
 
     info = {
         "impl": f"megatron.core MoELayer (grouped GEMM, alltoall dispatcher, {spec_name} spec)",
@@ -470,8 +479,10 @@ def check_agreement(s: Setup, peers: dict[str, Peer], x: torch.Tensor, g: torch.
         "tokens_per_expert_global": [int(v) for v in ours_counts.tolist()],
         "load_max_over_mean": float(ours_counts.max() / ours_counts.mean()),
         "deepspeed_capacity": c,
-        # Rows each rank's experts compute: DeepSpeed E*C (padded) vs T*k on average (ours).
+        # Rows each rank's experts compute: DeepSpeed E*C (padded, the same on every rank) vs T*k on average (ours).
         "deepspeed_padding_factor": num_experts * c / (tokens * k),
+        # Ours is dropless without padding, so the busiest EP rank (its experts' summed load) sets the pace.
+        "ours_busiest_rank_rows_factor": float(ours_counts.view(s.world, -1).sum(dim=1).max()) / (tokens * k),
     }
     tol = 1e-3 if s.dtype == torch.float32 else 5e-2
     if max(report["max_rel_diff_out"], report["max_rel_diff_input_grad"]) > tol:
@@ -531,7 +542,7 @@ def profile_peer(s: Setup, peer: Peer, x: torch.Tensor, g: torch.Tensor, out_dir
     if s.rank != 0:
         return []
     averages = prof.key_averages()
-    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = averages.table(sort_by=sort_by, row_limit=30, max_name_column_width=60)
     path = out_dir / f"moe_layer_{s.args.device}{s.args.tag}_profile_{peer.name}.txt"
     header = f"# {peer.name}: torch.profiler over {steps} fwd+bwd steps on rank 0 (times are totals over the steps)\n"
@@ -556,7 +567,8 @@ def run_rank(args: argparse.Namespace) -> None:
     """The body of one rank: init, build peers, check, warm up, time, gather, write (rank 0)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    setup_logging(rank if world > 1 else None, logging.getLevelName(args.log_level.upper()) if rank == 0 else logging.WARNING)
+    level = logging.getLevelName(args.log_level.upper()) if rank == 0 else logging.WARNING
+    setup_logging(rank if world > 1 else None, level)
     if args.device == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -568,6 +580,7 @@ def run_rank(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
         if pinned is not None:
             logger.info("rank %d pinned to CPU %d", rank, pinned)
+        args.pinned_cpu = pinned
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     s = Setup(args, rank, world, device, dtype)
     try:
@@ -603,6 +616,7 @@ def _run(s: Setup) -> None:
     x = torch.randn(a.tokens // seq, seq, a.dim, generator=gen).to(device=s.device, dtype=s.dtype).requires_grad_(True)
     g = (torch.randn(a.tokens // seq, seq, a.dim, generator=gen) / math.sqrt(a.tokens * a.dim)).to(s.device, s.dtype)
 
+    load_at_start = list(os.getloadavg())
     agreement = check_agreement(s, peers, x, g)
     if "ours" not in a.peer_list:
         del peers["ours"]
@@ -615,6 +629,7 @@ def _run(s: Setup) -> None:
         _sync(s.device)
     logger.info("warm-up done (%d steps per peer); timing %d repeats x %d steps", a.warmup, a.repeats, a.iters)
 
+    sync = (lambda: torch.cuda.synchronize(s.device)) if s.device.type == "cuda" else None
     samples: dict[str, list[float]] = {p.name: [] for p in timed}
     rss_peak: dict[str, int] = {p.name: 0 for p in timed}
     rss_before: dict[str, int] = {p.name: 0 for p in timed}
@@ -629,12 +644,12 @@ def _run(s: Setup) -> None:
                 torch.cuda.reset_peak_memory_stats(s.device)
             _sync(s.device)
             dist.barrier()
-            t0 = _now()
-            for _ in range(a.iters):
-                train_step(peer, x, g, a.aux_coef)
-            _sync(s.device)
-            dist.barrier()
-            elapsed = torch.tensor([_now() - t0], dtype=torch.float64)
+            with Stopwatch(sync) as watch:  # synchronises the device at both ends
+                for _ in range(a.iters):
+                    train_step(peer, x, g, a.aux_coef)
+                _sync(s.device)
+                dist.barrier()
+            elapsed = torch.tensor([watch.seconds], dtype=torch.float64)
             if s.device.type == "cuda":
                 elapsed = elapsed.to(s.device)
                 gpu_peak[peer.name] = max(gpu_peak[peer.name], torch.cuda.max_memory_allocated(s.device))
@@ -653,18 +668,18 @@ def _run(s: Setup) -> None:
         for peer in timed:
             profiles[peer.name] = profile_peer(s, peer, x, g, out_dir)
 
-    per_rank = {"rank": s.rank, "rss_peak": rss_peak, "rss_before": rss_before, "gpu_peak": gpu_peak,
-                "peer_info": {p.name: p.info for p in timed}}
+    per_rank = {
+        "rank": s.rank,
+        "pinned_cpu": getattr(a, "pinned_cpu", None),
+        "rss_peak": rss_peak,
+        "rss_before": rss_before,
+        "gpu_peak": gpu_peak,
+        "peer_info": {p.name: p.info for p in timed},
+    }
     gathered: list[Any] = [None] * s.world
     dist.all_gather_object(gathered, per_rank)
     if s.rank == 0:
-        write_results(s, samples, gathered, agreement, rss_reset_ok, profiles)
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
+        write_results(s, samples, gathered, agreement, rss_reset_ok, profiles, load_at_start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,6 +693,7 @@ def write_results(
     agreement: dict[str, Any],
     rss_reset_ok: bool,
     profiles: dict[str, list[dict[str, Any]]],
+    load_at_start: list[float],
 ) -> None:
     """Summarise the samples and write ``moe_layer_<device><tag>.json`` and ``.md``."""
     a = s.args
@@ -701,12 +717,15 @@ def write_results(
         }
     baseline = "deepspeed" if "deepspeed" in summaries else None
     for name, summ in summaries.items():
-        if baseline and name != baseline:
-            summ["ratio_tokens_per_s_vs_deepspeed"] = summ["tokens_per_s"]["median"] / summaries[baseline]["tokens_per_s"]["median"]
-        elif baseline:
-            summ["ratio_tokens_per_s_vs_deepspeed"] = 1.0
+        if baseline is None:
+            continue
+        summ["ratio_tokens_per_s_vs_deepspeed"] = (
+            summ["tokens_per_s"]["median"] / summaries[baseline]["tokens_per_s"]["median"]
+        )
+        # Ratio within each repeat (adjacent samples), robust to slowly varying background load.
+        summ["paired_ratio_vs_deepspeed"] = summarize([b / t for t, b in zip(samples[name], samples[baseline])])
 
-    config = {k: v for k, v in vars(a).items() if k not in ("peer_list",)}
+    config = {k: v for k, v in vars(a).items() if k not in ("peer_list", "pinned_cpu")}
     config.update(world_size=s.world, ep=s.world, global_tokens=global_tokens, flops_per_step=flops_step,
                   dtype_torch=str(s.dtype), peak_flops_per_device=peak, device_name=device_name,
                   malloc_env={k: os.environ.get(k) for k in MALLOC_TUNED_ENV})
@@ -715,7 +734,11 @@ def write_results(
         "description": "MoE layer forward+backward throughput, expert parallel over all ranks, dropless top-k",
         "config": config,
         "versions": package_versions(["torch", "deepspeed", "megatron-core", "transformer-engine", "moe-system", "numpy"]),
-        "host": host_info(),
+        "host": {
+            **host_info(),
+            "loadavg_1_5_15_at_start": load_at_start,
+            "loadavg_1_5_15_at_end": list(os.getloadavg()),
+        },
         "method": {
             "timing": "interleaved repeats; each repeat times --iters fwd+bwd steps between barriers; "
             "the repeat's time is the slowest rank's (all_reduce MAX)",
@@ -728,6 +751,7 @@ def write_results(
         },
         "agreement_ours_vs_deepspeed": agreement,
         "peers": {r["rank"]: r["peer_info"] for r in ranks}.get(0, {}),
+        "ranks": [{"rank": r["rank"], "pinned_cpu": r["pinned_cpu"]} for r in ranks],
         "profile_top_ops_rank0": profiles,
         "samples_s_per_repeat": samples,
         "summary": summaries,
@@ -740,13 +764,19 @@ def write_results(
     print(render_markdown(s, result))
 
 
+def _paired(summary: dict[str, float] | None) -> str:
+    if not summary:
+        return "n/a"
+    return f"{summary['median']:.2f}x [{summary['min']:.2f}, {summary['max']:.2f}]"
+
+
 def render_markdown(s: Setup, result: dict[str, Any]) -> str:
     """The markdown report: setup line, the table, agreement and padding notes."""
     a = s.args
     summ = result["summary"]
     cuda = s.device.type == "cuda"
     headers = ["system", "tokens/s (median)", "step ms (median)", "step ms [min, max]", "ratio vs DeepSpeed",
-               "peak RSS / rank (max)"]
+               "paired ratio [min, max]", "peak RSS / rank (max)"]
     if cuda:
         headers += ["peak GPU mem / rank", "TFLOP/s", "MFU"]
     else:
@@ -760,6 +790,7 @@ def render_markdown(s: Setup, result: dict[str, Any]) -> str:
             f"{sm['step_ms']['median']:.1f}",
             f"[{sm['step_ms']['min']:.1f}, {sm['step_ms']['max']:.1f}]",
             f"{ratio:.2f}x" if ratio is not None else "n/a",
+            "(baseline)" if name == "deepspeed" else _paired(sm.get("paired_ratio_vs_deepspeed")),
             format_bytes(max(sm["peak_rss_bytes_per_rank"])),
         ]
         if cuda:
@@ -791,17 +822,23 @@ def render_markdown(s: Setup, result: dict[str, Any]) -> str:
             f"(capacity C={ag['deepspeed_capacity']} rows per expert and rank vs a mean of "
             f"{a.tokens * a.top_k / a.experts:.0f}): its experts compute E*C = {ag['deepspeed_padding_factor']:.3f}x "
             f"the T*k useful rows, and its all-to-alls move the padded [E, C, d] buffers. That is its algorithm and "
-            f"is kept. Load max/mean over experts (global): {ag['load_max_over_mean']:.3f}.",
+            f"is kept. Load max/mean over experts (global): {ag['load_max_over_mean']:.3f}; ours does no padding, "
+            f"its busiest EP rank computes {ag['ours_busiest_rank_rows_factor']:.3f}x T*k rows (the others wait "
+            f"for it in the all-to-all).",
         ]
     for name, ops in result.get("profile_top_ops_rank0", {}).items():
         if ops:
             top = ", ".join(f"{o['op']} {o['self_ms_per_step']:.0f} ms ({100 * o['share']:.0f}%)" for o in ops[:6])
             lines.append(f"- Profile of {name} (rank 0, self time per step): {top}.")
     lines += [
+        "- ratio vs DeepSpeed = median tokens/s over median tokens/s; paired ratio = median over repeats of "
+        "DeepSpeed's time / ours within the same repeat (robust to background load that drifts between repeats). "
+        f"Load average (1, 5, 15 min) at the end of the run: {', '.join(f'{v:.1f}' for v in result['host']['loadavg_1_5_15_at_end'])} "
+        f"on {result['host']['logical_cpus']} CPUs.",
         "- Peak RSS is VmHWM while that system ran (reset before each repeat), so it includes the process baseline "
         "(interpreter, libraries, both systems' weights).",
         "- Loss = sum(out * g) + aux_coef * aux (each system's own load-balancing loss); input requires grad.",
-        f"- Command: `python benchmarks/moe_layer.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "- Command: `" + " ".join(["python benchmarks/moe_layer.py", *sys.argv[1:]]) + "`",
         "",
     ]
     return "\n".join(lines)

@@ -164,11 +164,16 @@ def _worker(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def dist_results():
-    cache: dict[int, list[dict]] = {}
+    cache: dict[int, list[dict] | Exception] = {}
 
     def get(world: int) -> list[dict]:
         if world not in cache:
-            cache[world] = run_workers(_worker, world)
+            try:
+                cache[world] = run_workers(_worker, world, timeout=120.0)
+            except Exception as err:  # noqa: BLE001 - reported by every test of this world, spawned once
+                cache[world] = err
+        if isinstance(cache[world], Exception):
+            raise cache[world]
         return cache[world]
 
     return get
@@ -328,21 +333,31 @@ def test_materialization_top_t_everywhere_when_t_le_m():
 
 def test_materialization_proportional_when_t_gt_m():
     gen = torch.Generator().manual_seed(5)
-    for trial in range(20):
-        W, E, m = [(4, 8, 2), (8, 16, 3), (4, 12, 1), (8, 8, 4)][trial % 4]
+    for trial in range(60):
+        # (W, E, m, hotter >= colder always): in the last three, hot experts crowded on one owner
+        # can be blocked (every rank lacking them full), which must then be the reason.
+        W, E, m, monotone = [(4, 8, 2, True), (8, 16, 3, True), (8, 8, 4, True), (8, 9, 7, True),
+                             (2, 5, 2, False), (4, 7, 3, False), (4, 12, 1, False)][trial % 7]
         own = Ownership.uniform(E, W)
         load = torch.rand(E, generator=gen) ** 3 * 1000 + 1
-        pl = sparse_materialization(load, own, W, ranks_per_node=2, overlap_budget=m + 1, memory_budget=m)
-        copies = pl.sum(dim=1)
-        order = torch.argsort(load, descending=True)
-        assert (copies[order][:-1] >= copies[order][1:]).all(), (load, copies)  # hotter: at least as many
-        assert _extras(pl, own).tolist() == [m] * W  # the whole memory budget is used
-        assert bool(pl[order[0]].sum() > 1)
+        pl = sparse_materialization(load, own, W, ranks_per_node=[1, 2, 4][trial % 3],
+                                    overlap_budget=m + 1 + trial % 3, memory_budget=m)
+        copies, extras = pl.sum(dim=1), _extras(pl, own)
+        assert int(extras.sum()) == min(W * m, E * (W - 1)) and int(extras.max()) <= m  # budget used, respected
+        for h in range(E):
+            for c in range(E):
+                if load[h] > load[c] and copies[h] < copies[c]:
+                    assert not monotone, (load, copies)
+                    assert (extras[~pl[h]] == m).all()  # blocked: every rank lacking h is full
+        assert int(copies[torch.argmax(load)]) > 1  # the hottest expert is always replicated
     # The hottest expert's first extra copy goes to the other node.
-    own = Ownership.uniform(4, 4)
-    load = torch.tensor([100.0, 1, 1, 1])
-    pl = sparse_materialization(load, own, 4, ranks_per_node=2, overlap_budget=2, memory_budget=1)
-    assert pl[0].tolist() == [True, False, True, True]  # owner 0 (node 0), then node 1 before node 0
+    own = Ownership.uniform(4, 4)  # nodes {0, 1}, {2, 3}
+    pl = sparse_materialization(torch.tensor([100.0, 60, 60, 60]), own, 4, ranks_per_node=2,
+                                overlap_budget=2, memory_budget=1)
+    assert pl.sum(dim=1).tolist() == [2, 2, 2, 2]
+    for e in range(4):  # every expert's extra copy is on the other node than its owner
+        assert (torch.nonzero(pl[e]).flatten() // 2).tolist() == [0, 1]
+    assert pl[0].tolist() == [True, False, True, False]
     zero = sparse_materialization(torch.tensor([5.0, 0, 0, 0]), own, 4, 2, 2, 1)
     assert torch.equal(zero[1:], _owner_only(own, 4)[1:])  # idle experts are not replicated
 
@@ -406,6 +421,10 @@ def _owner_loads(own: Ownership, load: torch.Tensor, W: int) -> torch.Tensor:
     return torch.zeros(W, dtype=torch.float64).index_add_(0, own.owner, load.double())
 
 
+def _moved(a: Ownership, b: Ownership) -> int:
+    return int((a.owner != b.owner).sum())
+
+
 @pytest.mark.parametrize("E,W", [(16, 4), (7, 4), (5, 2), (64, 8), (3, 4)])
 def test_heterogeneous_sharding_balances_zipf(E, W):
     gen = torch.Generator().manual_seed(E * W)
@@ -434,15 +453,10 @@ def test_heterogeneous_sharding_with_previous_moves_less():
     uni = Ownership.uniform(E, W)
     fresh = heterogeneous_sharding(load, W)
     kept = heterogeneous_sharding(load, W, previous=uni)
-    moved = lambda o: int((o.owner != uni.owner).sum())  # noqa: E731
-    assert moved(kept) < moved(fresh)
+    assert _moved(uni, kept) < _moved(uni, fresh)
     # A slightly changed load keeps most owners of the previous assignment.
     noisy = load * (1 + 0.05 * torch.rand(E, generator=gen, dtype=torch.float64))
     again = heterogeneous_sharding(noisy, W, previous=fresh)
-    assert moved_from(fresh, again) <= E // 4
+    assert _moved(fresh, again) <= E // 4
     with pytest.raises(ValueError, match="previous ownership has 4 experts"):
         heterogeneous_sharding(load, W, previous=Ownership.uniform(4, W))
-
-
-def moved_from(a: Ownership, b: Ownership) -> int:
-    return int((a.owner != b.owner).sum())

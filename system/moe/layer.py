@@ -32,6 +32,7 @@ class MoEStats:
         tokens_per_expert: ``[E]`` float assignments per expert over the global micro-batch.
         dropped: assignments dropped by the capacity limit on this rank.
         assignments: assignments made on this rank (``T * k``).
+        expert_tokens: token copies this rank's experts computed (after dispatch): its expert load.
     """
 
     aux_loss: torch.Tensor
@@ -39,6 +40,7 @@ class MoEStats:
     tokens_per_expert: torch.Tensor
     dropped: int
     assignments: int
+    expert_tokens: int = 0
 
 
 class MoELayer(nn.Module):
@@ -121,6 +123,7 @@ class MoELayer(nn.Module):
             tokens_per_expert=global_counts.detach(),
             dropped=dropped,
             assignments=flat_expert.numel(),
+            expert_tokens=x_local.shape[0],
         )
         return out.to(x.dtype).view(shape)
 

@@ -47,6 +47,8 @@ class StepResult:
     grad_norm: float
     tokens_per_expert: list[torch.Tensor]  # per MoE layer, [E] global assignments
     drop_rate: float  # dropped / made assignments over all ranks
+    seconds: float = 0.0  # this rank's wall time for the step
+    expert_tokens: int = 0  # token copies this rank's experts computed, all MoE layers
 
 
 def resolve_vocab(cfg: JobConfig, tokenizer_vocab: int) -> None:
@@ -156,6 +158,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step over ``grad_accum`` micro-batches; see :class:`StepResult`."""
         tcfg = self.cfg.training
+        t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.fssdp is not None:
@@ -163,7 +166,7 @@ class Trainer:
         moe_layers = self.model.moe_layers()
         ce_sum = aux_sum = z_sum = 0.0
         load = [torch.zeros(self.cfg.moe.num_experts, device=self.device) for _ in moe_layers]
-        dropped = made = 0
+        dropped = made = expert_tokens = 0
         for _ in range(tcfg.grad_accum):
             inputs, targets = self._to_device(*self.loader.next_batch())
             with self._autocast():
@@ -179,6 +182,7 @@ class Trainer:
                 load[i] += st.tokens_per_expert
                 dropped += st.dropped
                 made += st.assignments
+                expert_tokens += st.expert_tokens
         sync_gradients(self.model, self.mesh)
         norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
         self.optimizer.step()
@@ -191,7 +195,10 @@ class Trainer:
             [ce_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum / n_moe, z_sum / tcfg.grad_accum / n_moe,
              float(dropped), float(made)]
         )
-        return StepResult(loss, aux_mean, z_mean, float(norm), load, dropped / max(made, 1.0))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepResult(loss, aux_mean, z_mean, float(norm), load, dropped / max(made, 1.0),
+                          time.perf_counter() - t0, expert_tokens)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -276,6 +283,12 @@ class Trainer:
         }
         for i, value in enumerate(imbalance):
             rec[f"moe/imbalance/layer{i}"] = value
+        per_rank = torch.tensor([r.seconds, float(r.expert_tokens)], dtype=torch.float64, device=self.device)
+        gathered = [torch.empty_like(per_rank) for _ in range(self.world)]
+        dist.all_gather(gathered, per_rank)
+        rec["time/step_s_slowest_rank"] = max(float(g[0]) for g in gathered)
+        for rank, g in enumerate(gathered):
+            rec[f"moe/expert_tokens/rank{rank}"] = float(g[1])
         if self.fssdp is not None:
             rec.update(self.fssdp.metrics())
         if self.peak:

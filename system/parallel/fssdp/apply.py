@@ -71,7 +71,7 @@ class FSSDPController:
         self.cfg = cfg
         self.step = 0
         self.overlap_budget = cfg.overlap_budget if cfg.overlap_budget >= 0 else cfg.memory_budget
-        self._timing: dict[str, float] = {}
+        self._metrics_step = 0
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.model.modules() if isinstance(m, MoELayer)]
@@ -167,7 +167,9 @@ class FSSDPController:
                     self.overlap_budget, self.cfg.memory_budget)
 
     def metrics(self) -> dict[str, float]:
-        """Scalars for TensorBoard: replicas per expert, bytes moved, expert tokens (since last call)."""
+        """Scalars for TensorBoard, averaged per step since the last call: materialized replicas per
+        expert (mean and max, per layer, current placement), bytes this rank received through
+        SparseAllGather and sent through SparseReduceScatter, expert token copies it computed."""
         out: dict[str, float] = {"fssdp/overlap_budget": float(self.overlap_budget)}
         gather = reduce = tokens = 0
         for i, st in enumerate(self.states):
@@ -178,7 +180,9 @@ class FSSDPController:
             reduce += st.stats["reduce_bytes"]
             tokens += st.stats["expert_tokens"]
             st.stats = {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0}
-        out["fssdp/gather_bytes"] = float(gather)
-        out["fssdp/reduce_bytes"] = float(reduce)
-        out["fssdp/expert_tokens"] = float(tokens)
+        steps = max(self.step - self._metrics_step, 1)
+        self._metrics_step = self.step
+        out["fssdp/gather_bytes_per_step"] = gather / steps
+        out["fssdp/reduce_bytes_per_step"] = reduce / steps
+        out["fssdp/expert_tokens_per_step"] = tokens / steps
         return out

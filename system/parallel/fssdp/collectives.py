@@ -47,6 +47,8 @@ def from_rows_of_bytes(b: torch.Tensor, dtype: torch.dtype, row_shape: tuple[int
         return b.reshape((b.shape[0],) + tuple(row_shape))
     if b.numel() == 0:  # empty views may have odd strides: allocate instead
         return torch.empty((b.shape[0],) + tuple(row_shape), dtype=dtype, device=b.device)
+    if b.stride() != (b.shape[1], 1):  # a column slice (even a "contiguous" single row) cannot be viewed
+        b = torch.empty(b.shape, dtype=torch.uint8, device=b.device).copy_(b)
     return b.view(dtype).reshape((b.shape[0],) + tuple(row_shape))
 
 
@@ -81,15 +83,17 @@ def _owner_matrix(ownership: Ownership, world: int) -> torch.Tensor:
     return own
 
 
-def _check(ownership: Ownership, placement: torch.Tensor, rows: torch.Tensor, expected_rows: int,
-           what: str, world: int) -> None:
+def _check_placement(ownership: Ownership, placement: torch.Tensor, world: int) -> None:
     E = ownership.num_experts
     if placement.dtype != torch.bool or tuple(placement.shape) != (E, world):
         raise ValueError(f"placement must be bool [E={E}, W={world}], got {placement.dtype} {tuple(placement.shape)}")
-    if rows.dim() < 1 or rows.shape[0] != expected_rows:
-        raise ValueError(f"{what} has shape {tuple(rows.shape)}, expected {expected_rows} rows")
     if int(ownership.owner.min()) < 0 or int(ownership.owner.max()) >= world:
         raise ValueError(f"ownership names ranks outside the group of size {world}")
+
+
+def _check_rows(rows: torch.Tensor, expected_rows: int, what: str) -> None:
+    if rows.dim() < 1 or rows.shape[0] != expected_rows:
+        raise ValueError(f"{what} has shape {tuple(rows.shape)}, expected {expected_rows} rows")
 
 
 class SparseAllGatherHandle:
@@ -157,7 +161,8 @@ def sparse_all_gather(owned: torch.Tensor, ownership: Ownership, placement: torc
         ValueError: when ``placement`` is not ``[E, W]`` bool, or ``owned`` has not ``num_owned(rank)`` rows.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    _check(ownership, placement, owned, ownership.num_owned(rank), "owned", world)
+    _check_placement(ownership, placement, world)
+    _check_rows(owned, ownership.num_owned(rank), "owned")
     placement = placement.cpu()
     owner, slot = ownership.owner.cpu(), ownership.slot.cpu()
     send_ids, in_splits, recv_ids, out_splits = exchange_plan(_owner_matrix(ownership, world), placement, rank, world)
@@ -212,7 +217,8 @@ def sparse_reduce_scatter(materialized: torch.Tensor, ownership: Ownership, plac
             number of rows ``placement[:, rank]`` asks for.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    _check(ownership, placement, materialized, int(placement[:, rank].sum()), "materialized", world)
+    _check_placement(ownership, placement, world)
+    _check_rows(materialized, int(placement[:, rank].sum()), "materialized")
     placement = placement.cpu()
     owner, slot = ownership.owner.cpu(), ownership.slot.cpu()
     own = _owner_matrix(ownership, world)

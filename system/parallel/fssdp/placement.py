@@ -111,7 +111,12 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
       one unless placement constraints block it. The copy goes to the rank that (1) does not hold
       the expert yet and has budget left, (2) lies on the node with the fewest copies of the
       expert (spreading an expert over nodes before filling a node), (3) has the most budget left,
-      (4) has the lowest id. An expert no rank can take anymore is skipped.
+      (4) has the lowest id. When every rank with budget left already holds the expert, extra copies
+      of other experts are moved along a shortest augmenting path to make room (as in bipartite
+      b-matching), so a copy is refused only when no assignment of the copies handed out so far
+      could take it; such an expert gets no more copies. Consequently a hotter expert ends with
+      fewer copies than a colder one only when every rank lacking it is full (e.g. hot experts
+      crowded on one owner whose own slots can only take other experts).
 
     Args:
         load: ``[E]`` expert loads (e.g. :attr:`LoadTracker.load`).
@@ -147,7 +152,8 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
     budget = [memory_budget] * world_size
     held = placement.tolist()
     node_copies = [[0] * num_nodes for _ in range(E)]
-    for e, o in enumerate(ownership.owner.tolist()):
+    owner = ownership.owner.tolist()
+    for e, o in enumerate(owner):
         node_copies[e][node_of[o]] += 1
     copies = [1] * E
     values = load.tolist()
@@ -158,7 +164,16 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
         _, e = heapq.heappop(heap)
         free = [r for r in range(world_size) if budget[r] and not held[e][r]]
         if not free:
-            continue
+            moves = _augmenting_path(e, held, budget, owner)
+            if moves is None:
+                continue
+            for f, src, dst in reversed(moves):  # last move first: each dst has a free slot
+                held[f][src], held[f][dst] = False, True
+                budget[src] += 1
+                budget[dst] -= 1
+                node_copies[f][node_of[src]] -= 1
+                node_copies[f][node_of[dst]] += 1
+            free = [moves[0][1]]
         r = min(free, key=lambda q: (node_copies[e][node_of[q]], -budget[q], q))
         held[e][r] = True
         budget[r] -= 1
@@ -167,6 +182,39 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
         copies[e] += 1
         heapq.heappush(heap, (-values[e] / copies[e], e))
     return torch.tensor(held, dtype=torch.bool)
+
+
+def _augmenting_path(e: int, held: list[list[bool]], budget: list[int], owner: list[int]
+                     ) -> list[tuple[int, int, int]] | None:
+    """When every rank with budget left already holds ``e``: a shortest chain of moves of extra
+    copies that frees a slot for ``e`` (breadth-first over ranks, ascending ids: deterministic).
+
+    Returns ``[(f, src, dst), ...]`` in the order to apply (each move puts f's extra copy on a rank
+    that lacks f), the first ``src`` being the rank that then receives ``e``; None if there is none.
+    """
+    world = len(budget)
+    parent: dict[int, tuple[int, int] | None] = {q: None for q in range(world) if not held[e][q]}
+    frontier = list(parent)
+    while frontier:
+        nxt = []
+        for q in frontier:
+            for f in range(len(held)):
+                if not held[f][q] or owner[f] == q:
+                    continue
+                for r in range(world):
+                    if held[f][r] or r in parent:
+                        continue
+                    parent[r] = (q, f)
+                    if budget[r]:
+                        moves = []
+                        while parent[r] is not None:
+                            src, g = parent[r]
+                            moves.append((g, src, r))
+                            r = src
+                        return moves[::-1]
+                    nxt.append(r)
+        frontier = nxt
+    return None
 
 
 def route_tokens(experts: torch.Tensor, source_rank: int, placement: torch.Tensor, ranks_per_node: int) -> torch.Tensor:

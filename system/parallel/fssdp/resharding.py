@@ -144,7 +144,7 @@ def reshard(tensors: list[torch.Tensor], old: Ownership, new: Ownership, group=N
     out, col = [], 0
     for t in tensors:
         width = math.prod(t.shape[1:]) * t.element_size()
-        chunk = rows[:, col:col + width].contiguous()
+        chunk = rows[:, col:col + width]
         col += width
         out.append(from_rows_of_bytes(chunk, t.dtype, tuple(t.shape[1:])).to(t.device))
     return out
