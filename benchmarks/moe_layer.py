@@ -251,6 +251,7 @@ def build_ours(s: Setup, global_weights: dict[str, torch.Tensor]) -> Peer:
     from system.config.moe import MoEConfig
     from system.distributed import ParallelDims
     from system.moe.layer import MoELayer
+    from system.moe.experts import expert_kernel
     from system.parallel.expert_parallel import apply_ep
 
     a = s.args
@@ -279,7 +280,7 @@ def build_ours(s: Setup, global_weights: dict[str, torch.Tensor]) -> Peer:
     info = {
         "impl": "system.moe.layer.MoELayer + system.parallel.expert_parallel.apply_ep",
         "dispatcher": type(layer.dispatcher).__name__,
-        "grouped_mm": layer.experts._use_grouped_mm(torch.empty(0, device=s.device, dtype=s.dtype)),
+        "expert_kernel": expert_kernel(torch.device(s.device), s.dtype, layer.experts.grouped_mm),
         "local_experts": layer.experts.num_local_experts,
         "expert_offset": layer.experts.expert_offset,
         "ep_rank": ep_rank,

@@ -35,7 +35,8 @@ class MoEConfig:
         metadata={"help": "0: dropless. > 0: each expert takes at most ceil(cf * T * k / E) tokens; the rest drop."},
     )
     grouped_mm: Literal["auto", "on", "off"] = field(
-        default="auto", metadata={"help": "Use torch._grouped_mm for experts (auto: where available)."}
+        default="auto", metadata={"help": "Expert kernel: on = torch._grouped_mm, off = fused chunked per-expert kernel (exact), "
+        "auto = grouped_mm on CUDA where it runs, the chunked kernel on CPU."}
     )
 
     def validate(self) -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from system.moe.swiglu import swiglu_experts
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm`` needs it)."""
@@ -58,6 +60,47 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     return torch.cat([c @ w[g] for g, c in enumerate(chunks)], dim=0)
 
 
+def expert_kernel(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> str:
+    """Which kernel :func:`expert_swiglu` uses: ``"grouped_mm"`` or ``"chunked"`` (see there).
+
+    Raises:
+        RuntimeError: ``mode="on"`` where ``torch._grouped_mm`` cannot run for this device/dtype.
+    """
+    available = grouped_mm_available(device, dtype)
+    if mode == "on" and not available:
+        raise RuntimeError(f"moe.grouped_mm='on' but torch._grouped_mm cannot run on {device} / {dtype}")
+    use = mode == "on" or (mode == "auto" and available and device.type != "cpu")
+    return "grouped_mm" if use else "chunked"
+
+
+def expert_swiglu(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: torch.Tensor, mode: str = "auto"
+) -> torch.Tensor:
+    """SwiGLU experts ``(silu(x W1[g]) * (x W3[g])) W2[g]`` on rows sorted by expert.
+
+    Args:
+        x: ``[M, d]`` rows sorted by expert; ``w1``/``w3`` ``[G, d, f]``, ``w2`` ``[G, f, d]``.
+        counts: ``[G]`` int64 rows per expert (sums to M).
+        mode: ``"on"``: ``torch._grouped_mm`` (one kernel per projection); ``"off"``: the fused,
+            chunked exact kernel :func:`system.moe.swiglu.swiglu_experts`; ``"auto"``: grouped_mm on
+            CUDA where it runs, the chunked kernel on CPU (faster there: it keeps the ``[rows, f]``
+            intermediates cache-sized, see that module) and wherever grouped_mm is unavailable.
+
+    Returns:
+        ``[M, d]``.
+
+    Raises:
+        RuntimeError: ``mode="on"`` where ``torch._grouped_mm`` cannot run for this device/dtype.
+    """
+    use = expert_kernel(x.device, x.dtype, mode) == "grouped_mm"
+    # With no rows the chunked kernel still connects the (empty) output to x and the weights, so the
+    # backward all-to-all runs on every rank of the EP group (a collective must not be skipped).
+    if use and x.shape[0] > 0:
+        h = F.silu(grouped_matmul(x, w1, counts, True)) * grouped_matmul(x, w3, counts, True)
+        return grouped_matmul(h, w2, counts, True)
+    return swiglu_experts(x, w1, w2, w3, counts)
+
+
 class GroupedExperts(nn.Module):
     """``E_local`` SwiGLU experts ``y = (silu(x W1) * (x W3)) W2`` over rows grouped by expert.
 
@@ -97,14 +140,6 @@ class GroupedExperts(nn.Module):
         nn.init.trunc_normal_(self.w3, std=std)
         nn.init.trunc_normal_(self.w2, std=out_std)
 
-    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        if self.grouped_mm == "off":
-            return False
-        ok = grouped_mm_available(x.device, x.dtype)
-        if self.grouped_mm == "on" and not ok:
-            raise RuntimeError(f"moe.grouped_mm='on' but torch._grouped_mm cannot run on {x.device} / {x.dtype}")
-        return ok
-
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Apply expert g to its rows.
 
@@ -119,12 +154,8 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
-        # With no rows, the exact loop still connects the (empty) output to x and the weights, so the
-        # backward all-to-all runs on every rank of the EP group (a collective must not be skipped).
-        use = self._use_grouped_mm(x) and x.shape[0] > 0
         with torch.autocast(x.device.type, enabled=False):
-            h = F.silu(grouped_matmul(x, w1, counts, use)) * grouped_matmul(x, w3, counts, use)
-            return grouped_matmul(h, w2, counts, use)
+            return expert_swiglu(x, w1, w2, w3, counts, self.grouped_mm)
 
 
 class FeedForward(nn.Module):

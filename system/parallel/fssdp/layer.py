@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from system.moe.dispatch import all_to_all, expert_major_permutation
-from system.moe.experts import GroupedExperts, grouped_matmul, grouped_mm_available
+from system.moe.experts import GroupedExperts, expert_swiglu
 from system.parallel.fssdp.collectives import materialized_ids, sparse_all_gather, sparse_reduce_scatter
 from system.parallel.fssdp.ownership import Ownership
 from system.parallel.fssdp.placement import LoadTracker, route_tokens
@@ -145,10 +144,8 @@ class FSSDPExperts(nn.Module):
             x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
         if rows.shape[0] == 0:
             return x.new_zeros(0, self.dim)
-        use = self.grouped_mm != "off" and grouped_mm_available(x.device, x.dtype) and x.shape[0] > 0
         with torch.autocast(x.device.type, enabled=False):
-            h = F.silu(grouped_matmul(x, w1, counts, use)) * grouped_matmul(x, w3, counts, use)
-            return grouped_matmul(h, w2, counts, use)
+            return expert_swiglu(x, w1, w2, w3, counts, self.grouped_mm)
 
     def gather(self) -> torch.Tensor:
         """SparseAllGather of this iteration's materialized experts ``[n_mat, P]`` (a collective)."""
