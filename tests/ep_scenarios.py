@@ -32,7 +32,7 @@ SCENARIOS: dict[str, dict] = {
     "capacity": dict(world=2, ep=2, capacity=1.0, routing="skew"),
     # FSSDP (Hecate): skewed routing so hot experts get replicas; re-sharding after step 2 of 3.
     "fssdp2": dict(world=2, ep=1, mode="fssdp", routing="skew"),
-    "fssdp2_rm": dict(world=2, ep=1, mode="fssdp", routing="skew", rm=True),
+    "fssdp2_rm": dict(world=2, ep=1, mode="fssdp", routing="skew", rm=True, prefetch=False),
     "fssdp4": dict(world=4, ep=1, mode="fssdp", routing="skew"),
     "fssdp4_rm_fsdp": dict(world=4, ep=1, mode="fssdp", routing="skew", rm=True, dense="fsdp"),
 }
@@ -51,7 +51,7 @@ def configs(s: dict) -> tuple[ModelConfig, MoEConfig, ParallelConfig, TrainingCo
 
 def fssdp_config(s: dict) -> FSSDPConfig:
     return FSSDPConfig(load_window=2, overlap_budget=1, memory_budget=2, reshard_interval=2,
-                       rematerialize=s.get("rm", False), ranks_per_node=2)
+                       rematerialize=s.get("rm", False), ranks_per_node=2, prefetch=s.get("prefetch", True))
 
 
 def build(s: dict) -> MoETransformer:

@@ -61,7 +61,7 @@ def _distributed_run(rank: int, world: int, names: list[str]) -> dict:
         model = build(s)
         fssdp = parallelize_model(model, mesh, par, fssdp=fssdp_config(s))
         opt = build_optimizer(model, train_cfg)
-        out = {"loss": [], "grad_norm": [], "dropped": 0, "resharded": False, "max_replicas": 0}
+        out = {"loss": [], "grad_norm": [], "dropped": 0, "resharded": False, "max_replicas": 0, "prefetched": 0}
         rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
         for step, (x, y) in enumerate(global_batches(s)):
             forced = forced_routing(s, step, x.numel())
@@ -85,6 +85,7 @@ def _distributed_run(rank: int, world: int, names: list[str]) -> dict:
             opt.step()
             if fssdp is not None:
                 out["resharded"] |= fssdp.end_step(opt)
+                out["prefetched"] += int(fssdp.metrics()["fssdp/prefetched_gathers_per_step"])
             loss = ce.detach().clone()
             dist.all_reduce(loss)
             out["loss"].append(loss.item() / world)
@@ -141,6 +142,8 @@ def test_fssdp_replicates_and_reshards(distributed_results) -> None:
         first = distributed_results[name][0]
         assert first["max_replicas"] >= 2, f"{name}: no expert was materialized beyond its owner"
         assert first["resharded"], f"{name}: ownership never changed"
+        prefetch = SCENARIOS[name].get("prefetch", True)
+        assert (first["prefetched"] > 0) == prefetch, f"{name}: async SparseAllGather prefetch used={first['prefetched']}"
 
 
 def test_experts_sharded_by_global_index(distributed_results) -> None:

@@ -29,6 +29,13 @@ class FSSDPConfig:
         default=False,
         metadata={"help": "RM: free materialized experts after forward and gather them again for backward."},
     )
+    prefetch: bool = field(
+        default=True,
+        metadata={
+            "help": "Start each layer's SparseAllGather asynchronously when its transformer block begins, so "
+            "it overlaps attention (CUDA: NCCL stream; Gloo: its background thread)."
+        },
+    )
     ranks_per_node: int = field(
         default=0, metadata={"help": "Ranks per node for locality-aware token routing; 0: LOCAL_WORLD_SIZE."}
     )

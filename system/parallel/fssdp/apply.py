@@ -59,7 +59,20 @@ def apply_fssdp(model: nn.Module, cfg: FSSDPConfig, group=None) -> "FSSDPControl
         if world > 1:
             moe.stats_group = group if group is not None else dist.group.WORLD
         states.append(state)
+    if cfg.prefetch:
+        for block in getattr(model, "layers", []):
+            if isinstance(getattr(block, "moe", None), MoELayer) and isinstance(block.moe.experts, FSSDPExperts):
+                block.register_forward_pre_hook(_prefetch_hook(block.moe.experts))
     return FSSDPController(model, states, cfg)
+
+
+def _prefetch_hook(experts: FSSDPExperts):
+    """Forward pre-hook of a transformer block: start its MoE layer's SparseAllGather early."""
+
+    def hook(module: nn.Module, args) -> None:
+        experts.prefetch()
+
+    return hook
 
 
 class FSSDPController:
@@ -171,7 +184,7 @@ class FSSDPController:
         expert (mean and max, per layer, current placement), bytes this rank received through
         SparseAllGather and sent through SparseReduceScatter, expert token copies it computed."""
         out: dict[str, float] = {"fssdp/overlap_budget": float(self.overlap_budget)}
-        gather = reduce = tokens = 0
+        gather = reduce = tokens = prefetched = 0
         for i, st in enumerate(self.states):
             replicas = st.placement.sum(dim=1).float()
             out[f"fssdp/replicas_mean/layer{i}"] = float(replicas.mean())
@@ -179,10 +192,12 @@ class FSSDPController:
             gather += st.stats["gather_bytes"]
             reduce += st.stats["reduce_bytes"]
             tokens += st.stats["expert_tokens"]
-            st.stats = {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0}
+            prefetched += st.stats["prefetched"]
+            st.stats = {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0, "prefetched": 0}
         steps = max(self.step - self._metrics_step, 1)
         self._metrics_step = self.step
         out["fssdp/gather_bytes_per_step"] = gather / steps
         out["fssdp/reduce_bytes_per_step"] = reduce / steps
         out["fssdp/expert_tokens_per_step"] = tokens / steps
+        out["fssdp/prefetched_gathers_per_step"] = prefetched / steps
         return out

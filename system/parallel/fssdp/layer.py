@@ -45,7 +45,7 @@ class FSSDPLayerState:
     ranks_per_node: int
     group: object = None
     rematerialize: bool = False
-    stats: dict = field(default_factory=lambda: {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0})
+    stats: dict = field(default_factory=lambda: {"gather_bytes": 0, "reduce_bytes": 0, "expert_tokens": 0, "prefetched": 0})
 
     @property
     def mat_ids(self) -> torch.Tensor:
@@ -123,6 +123,7 @@ class FSSDPExperts(nn.Module):
         owned = state.ownership.owned(state.rank)
         full = flatten_experts(experts.w1.detach(), experts.w2.detach(), experts.w3.detach())
         self.owned = nn.Parameter(full[owned].clone())
+        self._pending: tuple | None = None  # (handle, placement it was started for)
 
     @property
     def expert_numel(self) -> int:
@@ -147,10 +148,34 @@ class FSSDPExperts(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return expert_swiglu(x, w1, w2, w3, counts, self.grouped_mm)
 
+    def prefetch(self) -> None:
+        """Start this iteration's SparseAllGather asynchronously (a collective; every rank calls it).
+
+        The next :meth:`gather` waits for it instead of starting its own, so the transfer overlaps
+        whatever runs in between (the block's attention). Hecate sec. 4.2: the overlap budget ``t``
+        is the number of experts whose gathering hides behind attention this way.
+        """
+        if self._pending is None:
+            st = self.state
+            handle = sparse_all_gather(self.owned.detach(), st.ownership, st.placement, st.group, async_op=True)
+            self._pending = (handle, st.placement)
+
     def gather(self) -> torch.Tensor:
-        """SparseAllGather of this iteration's materialized experts ``[n_mat, P]`` (a collective)."""
+        """SparseAllGather of this iteration's materialized experts ``[n_mat, P]`` (a collective).
+
+        Completes a pending :meth:`prefetch` when there is one for the current placement.
+        """
         st = self.state
-        rows = sparse_all_gather(self.owned.detach(), st.ownership, st.placement, st.group)
+        rows = None
+        if self._pending is not None:
+            handle, placement = self._pending
+            self._pending = None
+            rows = handle.wait()
+            st.stats["prefetched"] += 1
+            if placement is not st.placement:  # placement changed since the prefetch: gather again
+                rows = None
+        if rows is None:
+            rows = sparse_all_gather(self.owned.detach(), st.ownership, st.placement, st.group)
         st.stats["gather_bytes"] += _remote_rows(st) * self.expert_numel * self.owned.element_size()
         return rows
 
