@@ -245,7 +245,8 @@ def resolve_checkpoint(path: str | os.PathLike, *, storage_options: dict | None 
     name = read_latest(store.url, storage_options=storage_options)
     if name is None:
         raise UncommittedCheckpointError(
-            f"{url} is neither a committed checkpoint (no {METADATA_FILE}) nor a root with a '{LATEST_FILE}' file"
+            f"{url} is not a committed checkpoint: {store.path(METADATA_FILE)} is missing (the save did not "
+            f"finish, or this is not a checkpoint) and there is no '{LATEST_FILE}' file"
         )
     target = store.child(name)
     read_metadata(target)

@@ -1,4 +1,4 @@
-"""``[checkpoint]`` section: what is saved at the end of a run."""
+"""``[checkpoint]`` section: periodic resharding checkpoints, resuming, and the final model export."""
 
 from __future__ import annotations
 
@@ -7,7 +7,25 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CheckpointConfig:
-    """Model saving. The final model is written to ``<run_dir>/model`` unless disabled."""
+    """Training checkpoints (ByteCheckpoint-style, :mod:`system.checkpoint`) and the final model."""
 
-    save_final: bool = field(default=True, metadata={"help": "Save the trained model at the end of the run."})
-    folder: str = field(default="model", metadata={"help": "Folder under the run directory for the saved model."})
+    interval: int = field(default=0, metadata={"help": "Save a training checkpoint every N steps; 0: never periodically."})
+    dir: str = field(
+        default="", metadata={"help": "Checkpoint root (path or fsspec URL); empty: <run_dir>/checkpoints."}
+    )
+    keep_last: int = field(default=3, metadata={"help": "Committed checkpoints kept; older ones are pruned. 0: keep all."})
+    resume: str = field(
+        default="",
+        metadata={"help": "Resume from 'latest' (under checkpoint.dir; a fresh start if there is none) or a checkpoint path."},
+    )
+    async_save: bool = field(default=True, metadata={"help": "Write checkpoints in the background (the step only waits for the host snapshot)."})
+    save_final: bool = field(
+        default=True, metadata={"help": "At the end: a training checkpoint (when interval > 0) and the exported model."}
+    )
+    folder: str = field(default="model", metadata={"help": "Folder under the run directory for the exported model (safetensors)."})
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the key when a value is out of range."""
+        for key in ("interval", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"checkpoint.{key} must be >= 0, got {getattr(self, key)}")

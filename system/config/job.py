@@ -30,7 +30,7 @@ class JobConfig:
 
     def validate(self) -> None:
         """Validate every section; raises ``ValueError`` naming the offending key."""
-        for section in (self.model, self.moe, self.parallel, self.fssdp, self.data, self.training):
+        for section in (self.model, self.moe, self.parallel, self.fssdp, self.data, self.training, self.checkpoint):
             section.validate()
         if self.parallel.expert_mode == "ep" and self.moe.num_experts % self.parallel.ep:
             raise ValueError(

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from system.checkpoint.manager import CheckpointManager
 from system.checkpoint.model_io import save_model
 from system.config.job import JobConfig
 from system.config.loader import config_to_dict
@@ -117,9 +118,21 @@ class Trainer:
         name = cfg.metrics.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(self._broadcast_str(name))
         self.metrics = MetricsLogger(self.run_dir, self.rank, tensorboard=cfg.metrics.tensorboard)
+        self.ckpt: CheckpointManager | None = None
+        ccfg = cfg.checkpoint
+        if ccfg.interval or ccfg.resume:
+            self.ckpt = CheckpointManager(
+                ccfg.dir or str(self.run_dir / "checkpoints"), self.model, self.optimizer, self.scheduler, self.loader,
+                layout=self.layout(), async_save=ccfg.async_save, keep_last=ccfg.keep_last,
+                extra_fn=lambda: {"config": config_to_dict(self.cfg)},
+            )
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers, cfg.model.dim, tcfg.seq_len)
         self.peak = peak_flops(self.device)
         self.step = 0
+        if self.ckpt is not None and ccfg.resume:
+            resumed = self.ckpt.load(ccfg.resume)
+            if resumed is not None:
+                self.step = resumed.step
         logger.info(
             "model: %.2fM params (%.2fM active), %d MoE layers x %d experts top-%d; world %d = dp %d x ep %d; "
             "dense %s; device %s; corpus %s (%.1f MB train)",
@@ -129,6 +142,12 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ helpers
+    def layout(self) -> dict:
+        """The parallel layout, as recorded in checkpoints."""
+        p = self.cfg.parallel
+        return {"world_size": self.world, "dp": self.dims.dp, "ep": self.dims.ep, "expert_mode": p.expert_mode,
+                "dense": p.dense, "device": self.device.type}
+
     def _amp_dtype(self) -> torch.dtype | None:
         mode = self.cfg.training.mixed_precision
         if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
@@ -238,6 +257,8 @@ class Trainer:
         while self.step < tcfg.steps:
             last = self.train_step()
             steps_window += 1
+            if self.ckpt is not None and self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+                self.ckpt.save(self.step)
             if bar is not None:
                 bar.update(1)
             val_now = tcfg.eval_interval and self.step % tcfg.eval_interval == 0 and self.step < tcfg.steps
@@ -259,6 +280,11 @@ class Trainer:
         val_loss = self.evaluate()
         self.metrics.log(self.step, {"val_loss": val_loss, "val_bpb": self.bits_per_byte(val_loss)})
         summary = self._summary(last, val_loss, tokens_per_step * tcfg.steps / train_time, train_time)
+        if self.ckpt is not None:
+            interval = self.cfg.checkpoint.interval
+            if self.cfg.checkpoint.save_final and interval and self.step % interval:
+                self.ckpt.save(self.step)
+            self.ckpt.close()
         if self.cfg.checkpoint.save_final:
             save_model(self.model, self.mesh, self.run_dir / self.cfg.checkpoint.folder, config_to_dict(self.cfg))
         sample = self.sample()

@@ -157,8 +157,10 @@ class FSSDPController:
         experts: FSSDPExperts = block.moe.experts
         st = experts.state
         dim = block.attention.wq.in_features
-        x = torch.randn(1, 256, dim, device=experts.owned.device)
-        rope = self.model.rope[:256] if hasattr(self.model, "rope") else None
+        rope = getattr(self.model, "rope", None)
+        seq = min(256, rope.shape[0]) if rope is not None else 256  # the rotary table may be shorter than 256
+        x = torch.randn(1, seq, dim, device=experts.owned.device)
+        rope = rope[:seq] if rope is not None else None
         with torch.no_grad():
             t0 = time.perf_counter()
             block.attention(x, rope)
@@ -173,7 +175,7 @@ class FSSDPController:
         remote = max(full.shape[0] - st.ownership.num_owned(st.rank), 1)
         bytes_moved = remote * experts.expert_numel * experts.owned.element_size()
         t = estimate_overlap_budget(t_attn, bytes_moved / max(t_gather, 1e-9), experts.expert_numel * experts.owned.element_size())
-        agreed = torch.tensor([t], dtype=torch.long)
+        agreed = torch.tensor([t], dtype=torch.long, device=experts.owned.device)  # NCCL needs a device tensor
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=st.group)
         self.overlap_budget = int(agreed.item())
         logger.info("fssdp: estimated overlap budget t=%d experts (memory budget m=%d)",
