@@ -22,6 +22,13 @@ class FSSDPConfig:
     memory_budget: int = field(
         default=2, metadata={"help": "m: extra (non-owned) materialized experts per device and layer."}
     )
+    replicate_above: float = field(
+        default=1.0,
+        metadata={
+            "help": "Replicate an expert only while its load per copy exceeds this x the mean expert load "
+            "(1.0: experts at or below average load are never replicated; 0: every budgeted copy is used, as in the paper)."
+        },
+    )
     reshard_interval: int = field(
         default=100, metadata={"help": "R: iterations between heterogeneous re-shardings (Alg. 2); 0 disables."}
     )
@@ -46,6 +53,6 @@ class FSSDPConfig:
             raise ValueError(f"fssdp.load_window must be >= 1, got {self.load_window}")
         if self.overlap_budget < -1:
             raise ValueError(f"fssdp.overlap_budget must be >= 0 or -1 (estimate), got {self.overlap_budget}")
-        for key in ("memory_budget", "reshard_interval", "ranks_per_node"):
+        for key in ("memory_budget", "reshard_interval", "ranks_per_node", "replicate_above"):
             if getattr(self, key) < 0:
                 raise ValueError(f"fssdp.{key} must be >= 0, got {getattr(self, key)}")

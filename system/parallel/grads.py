@@ -17,8 +17,17 @@ from torch.distributed.tensor import DTensor
 from system.parallel.params import split_parameters
 
 
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of ``g`` accumulated in float64 (one fused pass, no float64 copy of ``g``)."""
+    return torch.linalg.vector_norm(g, dtype=torch.float64).square()
+
+
 def _flat_all_reduce(grads: list[torch.Tensor], group, scale: float) -> None:
     """Sum ``grads`` over ``group`` in one flattened bucket per dtype, then multiply by ``scale``."""
+    if group is None:  # nothing to reduce: scale in place, no flattening copy
+        for g in grads:
+            g.mul_(scale)
+        return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
@@ -90,18 +99,18 @@ def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh, max_norm: float) -> torc
             continue
         g = p.grad
         if isinstance(g, DTensor):
-            shared_sq += g.to_local().double().square().sum()
+            shared_sq += _sq_norm(g.to_local())
             grads.append(g.to_local())
         else:
-            local_sq += g.double().square().sum()
+            local_sq += _sq_norm(g)
             grads.append(g)
     for p in expert:
         if p.grad is not None:
-            shared_sq += p.grad.double().square().sum() / dp
+            shared_sq += _sq_norm(p.grad) / dp
             grads.append(p.grad)
     for p in split.fssdp_experts:  # one owner per expert row
         if p.grad is not None:
-            shared_sq += p.grad.double().square().sum()
+            shared_sq += _sq_norm(p.grad)
             grads.append(p.grad)
     if mesh.size() > 1:
         dist.all_reduce(shared_sq)

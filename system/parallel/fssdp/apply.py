@@ -85,6 +85,16 @@ class FSSDPController:
         self.step = 0
         self.overlap_budget = cfg.overlap_budget if cfg.overlap_budget >= 0 else cfg.memory_budget
         self._metrics_step = 0
+        self._attention_shape: tuple[int, ...] | None = None
+        if cfg.overlap_budget < 0:
+            blocks = [b for b in getattr(model, "layers", []) if getattr(b, "moe", None) is not None]
+            if blocks:
+                self._shape_hook = blocks[0].attention.register_forward_pre_hook(self._record_attention_shape)
+
+    def _record_attention_shape(self, module: nn.Module, args) -> None:
+        if self._attention_shape is None and args and torch.is_tensor(args[0]):
+            self._attention_shape = tuple(args[0].shape)
+            self._shape_hook.remove()
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.model.modules() if isinstance(m, MoELayer)]
@@ -94,7 +104,7 @@ class FSSDPController:
         for st in self.states:
             st.placement = sparse_materialization(
                 st.tracker.load, st.ownership, st.world_size, st.ranks_per_node,
-                self.overlap_budget, self.cfg.memory_budget,
+                self.overlap_budget, self.cfg.memory_budget, self.cfg.replicate_above,
             )
 
     def end_step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
@@ -147,8 +157,9 @@ class FSSDPController:
     def _estimate_overlap_budget(self) -> None:
         """t = attention time x gather bandwidth / expert bytes (DESIGN.md sec. 3), agreed by all ranks.
 
-        Times one attention forward and one SparseAllGather of the first MoE layer on this rank;
-        every rank takes the minimum so placements stay identical.
+        Times one attention forward of the first MoE block on the real micro-batch shape and one
+        SparseAllGather of all its experts on this rank; every rank takes the minimum so
+        placements stay identical.
         """
         layers = [b for b in getattr(self.model, "layers", []) if getattr(b, "moe", None) is not None]
         if not layers:
@@ -158,20 +169,26 @@ class FSSDPController:
         st = experts.state
         dim = block.attention.wq.in_features
         rope = getattr(self.model, "rope", None)
-        seq = min(256, rope.shape[0]) if rope is not None else 256  # the rotary table may be shorter than 256
-        x = torch.randn(1, seq, dim, device=experts.owned.device)
-        rope = rope[:seq] if rope is not None else None
+        # The real micro-batch shape (recorded by a hook in the first forward), else one sequence.
+        shape = self._attention_shape or (1, min(256, rope.shape[0]) if rope is not None else 256, dim)
+        x = torch.randn(*shape, device=experts.owned.device)
+        rope = rope[: shape[1]] if rope is not None else None
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         with torch.no_grad():
+            block.attention(x, rope)  # warm-up
+            sync()
             t0 = time.perf_counter()
             block.attention(x, rope)
+            sync()
             t_attn = time.perf_counter() - t0
             full = torch.ones(st.placement.shape, dtype=torch.bool)
-            saved, st.placement = st.placement, full
+            saved, saved_stats, st.placement = st.placement, dict(st.stats), full
             dist.barrier(group=st.group)
             t0 = time.perf_counter()
             experts.gather()
+            sync()
             t_gather = time.perf_counter() - t0
-            st.placement = saved
+            st.placement, st.stats = saved, saved_stats
         remote = max(full.shape[0] - st.ownership.num_owned(st.rank), 1)
         bytes_moved = remote * experts.expert_numel * experts.owned.element_size()
         t = estimate_overlap_budget(t_attn, bytes_moved / max(t_gather, 1e-9), experts.expert_numel * experts.owned.element_size())

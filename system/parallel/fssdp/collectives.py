@@ -83,6 +83,15 @@ def _owner_matrix(ownership: Ownership, world: int) -> torch.Tensor:
     return own
 
 
+def _is_identity(pos: torch.Tensor, slot: torch.Tensor, n_owned: int, n_mat: int) -> bool:
+    """Whether the locally owned, materialized experts map row i of ``owned`` to row i of the
+    materialized buffer, for all rows of both (so one can stand for the other without a copy)."""
+    if n_owned != n_mat or pos.numel() != n_owned:
+        return False
+    ar = torch.arange(n_owned)
+    return bool(torch.equal(pos, ar) and torch.equal(slot, ar))
+
+
 def _check_placement(ownership: Ownership, placement: torch.Tensor, world: int) -> None:
     E = ownership.num_experts
     if placement.dtype != torch.bool or tuple(placement.shape) != (E, world):
@@ -122,7 +131,7 @@ class SparseAllGatherHandle:
 
 def _scatter_rows(result: torch.Tensor, recv_bytes: torch.Tensor, pos: torch.Tensor) -> None:
     if pos.numel():
-        result[pos] = from_rows_of_bytes(recv_bytes, result.dtype, tuple(result.shape[1:]))
+        result.index_copy_(0, pos, from_rows_of_bytes(recv_bytes, result.dtype, tuple(result.shape[1:])))
 
 
 @torch.no_grad()
@@ -168,16 +177,20 @@ def sparse_all_gather(owned: torch.Tensor, ownership: Ownership, placement: torc
     send_ids, in_splits, recv_ids, out_splits = exchange_plan(_owner_matrix(ownership, world), placement, rank, world)
     dev = owned.device
     owned_bytes = as_rows_of_bytes(owned)
-    send = owned_bytes[slot[send_ids].to(dev)]
+    send = owned_bytes.index_select(0, slot[send_ids].to(dev))
     recv = owned_bytes.new_empty((sum(out_splits), owned_bytes.shape[1]))
     work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=group, async_op=async_op)
 
     mat = placement[:, rank]
     pos = torch.cumsum(mat.to(torch.int64), 0) - 1  # row of expert e in the result
-    result = owned.new_empty((int(mat.sum()),) + tuple(owned.shape[1:]))
     local = torch.nonzero(mat & (owner == rank)).flatten()
+    if sum(out_splits) == 0 and _is_identity(pos[local], slot[local], owned.shape[0], int(mat.sum())):
+        # Nothing arrives and the result would be a copy of ``owned``: return it without copying.
+        result = owned.detach()
+        return SparseAllGatherHandle(work, result, recv, pos[:0], send) if async_op else result
+    result = owned.new_empty((int(mat.sum()),) + tuple(owned.shape[1:]))
     if local.numel():
-        result[pos[local].to(dev)] = owned.detach()[slot[local].to(dev)]
+        result.index_copy_(0, pos[local].to(dev), owned.detach().index_select(0, slot[local].to(dev)))
     recv_pos = pos[recv_ids].to(dev)
     if async_op:
         return SparseAllGatherHandle(work, result, recv, recv_pos, send)
@@ -199,7 +212,8 @@ def sparse_reduce_scatter(materialized: torch.Tensor, ownership: Ownership, plac
     first if you want the sum of bf16 gradients accumulated in float32.
 
     Allocated: the send and receive buffers, and the result ``[n_owned, ...]`` (zeros, then summed
-    into). ``materialized`` is only read and may be freed afterwards.
+    into). ``materialized`` is only read; when nothing arrives and its rows are exactly the owned
+    rows in slot order, it is returned as is (no copy).
 
     Args:
         materialized: ``[n_mat, ...]`` rows in ``materialized_ids(placement, rank)`` order (e.g. the
@@ -226,21 +240,24 @@ def sparse_reduce_scatter(materialized: torch.Tensor, ownership: Ownership, plac
     dev = materialized.device
     pos = torch.cumsum(placement[:, rank].to(torch.int64), 0) - 1
     mat_bytes = as_rows_of_bytes(materialized)
-    send = mat_bytes[pos[send_ids].to(dev)]
+    send = mat_bytes.index_select(0, pos[send_ids].to(dev))
     recv_bytes = mat_bytes.new_empty((sum(out_splits), mat_bytes.shape[1]))
     dist.all_to_all_single(recv_bytes, send, out_splits, in_splits, group=group)
     recv = from_rows_of_bytes(recv_bytes, materialized.dtype, tuple(materialized.shape[1:]))
 
-    out = materialized.new_zeros((ownership.num_owned(rank),) + tuple(materialized.shape[1:]))
     mine = torch.nonzero(placement[:, rank] & (owner == rank)).flatten()
+    n_owned = ownership.num_owned(rank)
+    if sum(out_splits) == 0 and _is_identity(pos[mine], slot[mine], n_owned, materialized.shape[0]):
+        return materialized.detach()  # nothing arrives: the owned rows' sums are the local copies
+    out = materialized.new_zeros((n_owned,) + tuple(materialized.shape[1:]))
     start = 0
     for src in range(world):  # fixed order: ascending source rank
         if src == rank:
-            rows, ids = materialized.detach()[pos[mine].to(dev)], mine
+            rows, ids = materialized.detach().index_select(0, pos[mine].to(dev)), mine
         else:
             n = out_splits[src]
             rows, ids = recv[start:start + n], recv_ids[start:start + n]
             start += n
         if ids.numel():  # one row per expert per source: unique indices, deterministic on CUDA too
-            out[slot[ids].to(dev)] += rows
+            out.index_add_(0, slot[ids].to(dev), rows)
     return out

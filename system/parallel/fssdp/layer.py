@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from system.moe.dispatch import all_to_all, expert_major_permutation
-from system.moe.experts import GroupedExperts, expert_swiglu
+from system.moe.experts import GroupedExperts, expert_kernel, expert_swiglu
+from system.moe.swiglu import swiglu_experts_flat
 from system.parallel.fssdp.collectives import materialized_ids, sparse_all_gather, sparse_reduce_scatter
 from system.parallel.fssdp.ownership import Ownership
 from system.parallel.fssdp.placement import LoadTracker, route_tokens
@@ -139,14 +140,15 @@ class FSSDPExperts(nn.Module):
 
     def compute(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """SwiGLU of rows ``x`` ``[M, d]`` grouped by materialized expert with weights ``rows``."""
-        w1, w2, w3 = self.unflatten(rows)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
         if rows.shape[0] == 0:
             return x.new_zeros(0, self.dim)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, rows = x.to(dtype), rows.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return expert_swiglu(x, w1, w2, w3, counts, self.grouped_mm)
+            if expert_kernel(x.device, x.dtype, self.grouped_mm) == "chunked":
+                return swiglu_experts_flat(x, rows, self.dim, self.hidden_dim, counts)
+            return expert_swiglu(x, *self.unflatten(rows), counts, self.grouped_mm)
 
     def prefetch(self) -> None:
         """Start this iteration's SparseAllGather asynchronously (a collective; every rank calls it).

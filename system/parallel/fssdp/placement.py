@@ -95,7 +95,7 @@ def _by_load(load: torch.Tensor) -> list[int]:
 
 
 def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size: int, ranks_per_node: int,
-                           overlap_budget: int, memory_budget: int) -> torch.Tensor:
+                           overlap_budget: int, memory_budget: int, replicate_above: float = 0.0) -> torch.Tensor:
     """Hecate Algorithm 1: choose the experts materialized on each rank for one iteration.
 
     Interpretation implemented. The owner of an expert always holds it (free). ``overlap_budget`` t
@@ -125,6 +125,11 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
         ranks_per_node: ranks per node; rank r is on node ``r // ranks_per_node``.
         overlap_budget: t >= 0 (see :func:`estimate_overlap_budget`).
         memory_budget: m >= 0 extra experts per device.
+        replicate_above: a copy is only handed out while the expert's load per copy exceeds
+            ``replicate_above`` x the mean expert load (0: the paper's rule, every budgeted copy is
+            used). With 1.0, an expert no busier than average is never replicated, so a balanced
+            load materializes nothing beyond the owners and pays no SparseAllGather traffic; a hot
+            expert gets copies until its load per copy is down to the mean.
 
     Returns:
         ``[E, W]`` bool placement.
@@ -142,7 +147,8 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
     load = load.detach().to(device="cpu", dtype=torch.float64).flatten()
     placement = torch.zeros(E, world_size, dtype=torch.bool)
     placement[torch.arange(E), ownership.owner.cpu()] = True
-    order = [e for e in _by_load(load) if load[e] > 0]
+    threshold = max(float(replicate_above) * float(load.mean()), 0.0) if E else 0.0
+    order = [e for e in _by_load(load) if load[e] > threshold]
     if overlap_budget <= memory_budget:
         placement[order[:overlap_budget]] = True
         return placement
@@ -161,7 +167,9 @@ def sparse_materialization(load: torch.Tensor, ownership: Ownership, world_size:
     heapq.heapify(heap)
     left = memory_budget * world_size
     while heap and left:
-        _, e = heapq.heappop(heap)
+        neg, e = heapq.heappop(heap)
+        if -neg <= threshold:  # every remaining expert is at or below the threshold per copy
+            break
         free = [r for r in range(world_size) if budget[r] and not held[e][r]]
         if not free:
             moves = _augmenting_path(e, held, budget, owner)
