@@ -4,7 +4,7 @@ The resharding checkpoint (ByteCheckpoint, arXiv 2407.20143) stores each global 
 per-rank data files with JSON metadata; any layout loads from any other.
 """
 
-from system.checkpoint.api import inspect, save, verify
+from system.checkpoint.api import inspect, load_full, save, verify
 from system.checkpoint.dcp_import import import_dcp
 from system.checkpoint.errors import (
     CheckpointError, ChecksumError, CoverageError, DataFileError, FormatVersionError, MissingTensorError,
@@ -24,6 +24,6 @@ __all__ = [
     "FormatVersionError", "LoadResult", "MissingTensorError", "SaveHandle", "SavePlanError", "Shard",
     "ShardedEntry", "TensorMismatchError", "UncommittedCheckpointError", "capture_rng", "commit_latest",
     "decode_rng_state", "encode_rng_state", "full_state_dict", "import_dcp", "inspect", "list_checkpoints",
-    "load", "load_model", "prune", "read_config", "read_latest", "resolve_checkpoint", "restore_rng", "save",
+    "load", "load_full", "load_model", "prune", "read_config", "read_latest", "resolve_checkpoint", "restore_rng", "save",
     "save_model", "step_dir_name", "verify",
 ]

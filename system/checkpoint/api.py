@@ -22,7 +22,7 @@ from system.checkpoint.sharding import find_overlaps
 from system.checkpoint.storage import Storage, read_metadata, resolve_checkpoint
 from system.checkpoint.writer import AsyncCheckpointer, State
 
-__all__ = ["AsyncCheckpointer", "LoadResult", "inspect", "load", "save", "verify"]
+__all__ = ["AsyncCheckpointer", "LoadResult", "inspect", "load", "load_full", "save", "verify"]
 
 
 def save(state: State, path: str | os.PathLike, *, extra: dict | None = None, rank_extra: dict | None = None,
@@ -70,6 +70,29 @@ def inspect(path: str | os.PathLike, *, storage_options: dict | None = None) -> 
             for fqn, t in sorted(meta.tensors.items())
         },
     }
+
+
+def load_full(path: str | os.PathLike, *, prefix: str = "", storage_options: dict | None = None
+              ) -> tuple[dict[str, "torch.Tensor"], LoadResult]:
+    """Every tensor of a checkpoint (or those whose name starts with ``prefix``) in full, in this
+    process only (no process group), as CPU tensors of the saved dtype and global shape.
+
+    Returns:
+        ``({fqn: tensor}, LoadResult)``.
+
+    Raises:
+        The errors of :func:`load` (corruption, missing files, uncommitted checkpoint).
+    """
+    import torch
+
+    from system.checkpoint.metadata import dtype_from_name
+
+    url = resolve_checkpoint(path, storage_options=storage_options)
+    meta = read_metadata(Storage(url, storage_options))
+    targets = {fqn: torch.empty(t.shape, dtype=dtype_from_name(t.dtype))
+               for fqn, t in meta.tensors.items() if fqn.startswith(prefix)}
+    result = load(targets, url, storage_options=storage_options, no_dist=True)
+    return targets, result
 
 
 def verify(path: str | os.PathLike, *, storage_options: dict | None = None) -> list[str]:
