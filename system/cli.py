@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from system.checkpoint import cli as ckpt_cli
 from system.cluster.torchrun import LaunchSpec, build_torchrun_command, format_command, run_command
 from system.config.loader import ConfigError, load_config
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moesys", description="moe-system: train and serve MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    ckpt_cli.add_parser(sub)
     return parser
 
 
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key value)")
     if args.command == "train":
         return cmd_train(args, extra)
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if args.command == "ckpt":
+        return ckpt_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

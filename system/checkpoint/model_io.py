@@ -80,27 +80,39 @@ def save_model(model: nn.Module, mesh: DeviceMesh, path: str | Path, config: dic
         The folder on rank 0, ``None`` on other ranks.
     """
     tensors = full_state_dict(model, mesh)
-    path = Path(path)
     result = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "moe-system"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-        result = path
+        result = write_model(tensors, path, config)
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict) -> Path:
+    """Write full tensors as ``path/model.safetensors`` + ``path/config.json`` (one process).
+
+    The folder is built under a temporary name, fsynced and renamed into place, so a crash never
+    leaves a half-written model under ``path``.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "moe-system"})
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 @torch.no_grad()

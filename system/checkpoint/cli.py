@@ -1,0 +1,124 @@
+"""``moesys ckpt``: inspect, verify, export and import checkpoints (no process group needed).
+
+- ``moesys ckpt inspect PATH [--json]``: tensors, dtypes, global shapes, boxes, the layout it was
+  saved under, step and size.
+- ``moesys ckpt verify PATH``: recompute every checksum and file size; exit code 1 on any problem.
+- ``moesys ckpt export PATH --format safetensors --out DIR``: one consolidated Hugging Face style
+  ``model.safetensors`` (+ ``config.json``) of the model weights, for inference or sharing.
+- ``moesys ckpt import-dcp DCP_DIR --out PATH``: convert a PyTorch DCP checkpoint (TorchTitan,
+  Megatron ``torch_dist``) into this format. DCP's metadata is a pickle: import trusted ones only.
+
+``PATH`` is a checkpoint folder, or a root holding ``latest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+MODEL_PREFIX = "model."
+
+
+def add_parser(sub) -> None:
+    """Register ``ckpt`` and its sub-commands on the ``moesys`` sub-parser."""
+    p = sub.add_parser("ckpt", help="inspect, verify, export or import checkpoints",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = p.add_subparsers(dest="ckpt_command", required=True)
+    i = cmds.add_parser("inspect", help="tensors, shapes, layout saved, size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v = cmds.add_parser("verify", help="recompute checksums and file sizes")
+    v.add_argument("path")
+    e = cmds.add_parser("export", help="consolidated safetensors model")
+    e.add_argument("path")
+    e.add_argument("--format", choices=["safetensors"], default="safetensors")
+    e.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    d = cmds.add_parser("import-dcp", help="convert a torch.distributed.checkpoint folder")
+    d.add_argument("dcp_dir")
+    d.add_argument("--out", required=True, help="checkpoint folder to write")
+    d.add_argument("--overwrite", action="store_true")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(path: str, as_json: bool) -> int:
+    """Print :func:`system.checkpoint.inspect`'s summary."""
+    from system.checkpoint import inspect
+
+    info = inspect(path)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    extra = info.get("extra") or {}
+    print(f"checkpoint   {info['path']}")
+    print(f"step         {extra.get('step', '?')}   format v{info['version']}")
+    print(f"saved by     world size {info['world_size']}, layout {json.dumps(info['layout'])}")
+    print(f"size         {_size(info['total_bytes'])} in {len(info['files'])} data files")
+    print(f"tensors      {len(info['tensors'])}")
+    width = max((len(k) for k in info["tensors"]), default=10)
+    for fqn, t in info["tensors"].items():
+        print(f"  {fqn:<{width}}  {t['dtype']:<9} {str(t['shape']):<18} {t['boxes']:>3} box(es)  {_size(t['nbytes'])}")
+    return 0
+
+
+def cmd_verify(path: str) -> int:
+    """Check every checksum; print the problems; 0 when there are none."""
+    from system.checkpoint import verify
+
+    problems = verify(path)
+    for p in problems:
+        print(f"problem: {p}")
+    print("ok: every checksum and file size matches" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_export(path: str, out: str) -> int:
+    """Write the model weights of a checkpoint as ``out/model.safetensors`` + ``out/config.json``."""
+    from system.checkpoint import load_full
+    from system.checkpoint.model_io import write_model
+
+    tensors, result = load_full(path, prefix=MODEL_PREFIX)
+    if not tensors:
+        print(f"error: {path} holds no model tensors (names starting with {MODEL_PREFIX!r})", file=sys.stderr)
+        return 2
+    model = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items()}
+    config = result.extra.get("config", {})
+    write_model(model, out, config)
+    total = sum(t.numel() * t.element_size() for t in model.values())
+    print(f"wrote {out}/model.safetensors ({len(model)} tensors, {_size(total)}) and config.json")
+    return 0
+
+
+def cmd_import_dcp(dcp_dir: str, out: str, overwrite: bool) -> int:
+    """Convert a DCP checkpoint into this format."""
+    from system.checkpoint import import_dcp
+
+    path = import_dcp(dcp_dir, out, overwrite=overwrite)
+    print(f"imported {dcp_dir} -> {path}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``moesys ckpt ...``; checkpoint errors become exit code 1 with the message."""
+    from system.checkpoint.errors import CheckpointError
+
+    try:
+        if args.ckpt_command == "inspect":
+            return cmd_inspect(args.path, args.json)
+        if args.ckpt_command == "verify":
+            return cmd_verify(args.path)
+        if args.ckpt_command == "export":
+            return cmd_export(args.path, args.out)
+        if args.ckpt_command == "import-dcp":
+            return cmd_import_dcp(args.dcp_dir, args.out, args.overwrite)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 2
