@@ -4,6 +4,12 @@
 [--max-restarts R] [--dry-run] [--section.key value ...]`` validates the job config, builds one
 torchrun command (``--standalone`` on one node, c10d rendezvous across nodes) and runs it (or prints
 it with ``--dry-run``). Every node of a multi-node job runs the same command.
+
+``moesys generate --checkpoint DIR --prompt TEXT [--prompts-file FILE] [--max-new-tokens N]
+[--batch-size B] [--offload none|ring|experts] [--slots K] [--expert-cache C] [--device-memory 4GiB]
+[--link-bandwidth 2GB] [--sampling greedy|top-p --top-p P --temperature T --seed S] [--device cpu|cuda]``
+generates text from a saved model (``model.safetensors`` + ``config.json``), resident or streamed through
+a ring of K slots (SE-MoE), and prints the texts and the throughput.
 """
 
 from __future__ import annotations
@@ -65,11 +71,74 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_command(argv, env)
 
 
+def _generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a saved model (resident or ring-offloaded)",
+        description="Generate text with a KV cache, batched prompts, and optional ring offload (SE-MoE).",
+    )
+    p.add_argument("--checkpoint", required=True, help="folder with model.safetensors and config.json")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several)")
+    p.add_argument("--prompts-file", default=None, help="throughput mode: one prompt per non-empty line")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--offload", choices=("none", "ring", "experts"), default="none",
+                   help="none: all weights on the device; ring: FFN sections streamed through K slots; "
+                        "experts: only the routed experts streamed through an LRU of C expert slots")
+    p.add_argument("--slots", type=int, default=2, help="K, ring slots (1: no prefetch)")
+    p.add_argument("--expert-cache", type=int, default=None, help="C, expert slots of --offload experts")
+    p.add_argument("--device-memory", default=None, help="device-memory budget, e.g. 4GiB (checked before running)")
+    p.add_argument("--link-bandwidth", default=None, help="CPU link throttle in bytes/s, e.g. 2GB (stands in for PCIe)")
+    p.add_argument("--sampling", choices=("greedy", "top-p"), default="greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the top-p sampler")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run :func:`system.inference.generate` and print the texts and tokens/s; return the exit code."""
+    from system.inference.engine import generate  # imported here: the train path does not need it
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if not prompts:
+        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 2
+    try:
+        result = generate(
+            args.checkpoint, prompts, args.max_new_tokens, args.batch_size, offload=args.offload, slots=args.slots,
+            device_memory=args.device_memory, sampling=args.sampling, top_p=args.top_p,
+            temperature=args.temperature, seed=args.seed, device=args.device, link_bandwidth=args.link_bandwidth,
+            expert_cache=args.expert_cache, stop_at_eos=not args.ignore_eos,
+        )
+    except (ValueError, FileNotFoundError, KeyError) as e:  # PlanError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
+        print(f"--- prompt {i + 1} ---")
+        print(prompt + text)
+    st = result.stats
+    print(f"--- {st.sequences} prompts, {st.new_tokens} new tokens: {st.tokens_per_s:.1f} tokens/s "
+          f"(decode {st.decode_tokens_per_s:.1f} tokens/s; prefill {st.prefill_s:.3f} s, decode {st.decode_s:.3f} s); "
+          f"streamed {st.bytes_streamed} B ({st.bytes_per_token:.0f} B/token)")
+    print(f"--- plan: {result.plan}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moesys`` argument parser (subcommands)."""
     parser = argparse.ArgumentParser(prog="moesys", description="moe-system: train and serve MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _generate_parser(sub)
     ckpt_cli.add_parser(sub)
     return parser
 
@@ -79,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "generate":
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        return cmd_generate(args)
     bad = [a for a in extra if a.startswith("-") and not (a.startswith("--") and "." in a.split("=")[0])]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key value)")

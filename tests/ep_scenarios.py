@@ -35,6 +35,10 @@ SCENARIOS: dict[str, dict] = {
     "fssdp2_rm": dict(world=2, ep=1, mode="fssdp", routing="skew", rm=True, prefetch=False),
     "fssdp4": dict(world=4, ep=1, mode="fssdp", routing="skew"),
     "fssdp4_rm_fsdp": dict(world=4, ep=1, mode="fssdp", routing="skew", rm=True, dense="fsdp"),
+    # MoFME feature-modulated experts (modulations sharded, shared block dense).
+    "fme_ep2": dict(world=2, ep=2, expert_type="fme"),
+    "fme_lowrank_fsdp_ep2": dict(world=2, ep=2, expert_type="fme", modulation="lowrank", dense="fsdp"),
+    "fme_fssdp2": dict(world=2, ep=1, mode="fssdp", routing="skew", expert_type="fme", modulation="lowrank"),
 }
 
 
@@ -42,7 +46,8 @@ def configs(s: dict) -> tuple[ModelConfig, MoEConfig, ParallelConfig, TrainingCo
     model = ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=SEQ,
                         tie_embeddings=s.get("tie", True))
     moe = MoEConfig(num_experts=8, top_k=s.get("top_k", 2), expert_dim=48, num_shared_experts=s.get("shared", 0),
-                    capacity_factor=s.get("capacity", 0.0), aux_loss_coef=0.01, z_loss_coef=0.001)
+                    capacity_factor=s.get("capacity", 0.0), aux_loss_coef=0.01, z_loss_coef=0.001,
+                    expert_type=s.get("expert_type", "ffn"), fme_modulation=s.get("modulation", "vector"), fme_rank=4)
     par = ParallelConfig(dp=s.get("dp", -1), ep=s["ep"], dense=s.get("dense", "replicate"),
                          expert_mode=s.get("mode", "ep"))
     train = TrainingConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5, warmup_steps=0, steps=STEPS)

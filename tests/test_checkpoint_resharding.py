@@ -30,6 +30,10 @@ LAYOUTS = {
     "fssdp2": dict(world=2, ep=1, mode="fssdp"),
     "fssdp4": dict(world=4, ep=1, mode="fssdp"),
     "fsdp_ep2": dict(world=2, ep=2, dense="fsdp"),
+    # MoFME feature-modulated experts (used by tests/test_mofme.py)
+    "fme_ep2": dict(world=2, ep=2, expert_type="fme", modulation="lowrank"),
+    "fme_single": dict(world=1, ep=1, expert_type="fme", modulation="lowrank"),
+    "fme_fssdp2": dict(world=2, ep=1, mode="fssdp", expert_type="fme", modulation="lowrank"),
 }
 
 

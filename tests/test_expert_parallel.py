@@ -1,8 +1,9 @@
 """Expert parallelism equals the single-process model (real Gloo processes on CPU).
 
 For the same seed and data, EP=2, EP=4, dp=2 x ep=2 (with and without FSDP2 dense parameters), an
-idle expert, all tokens on one expert, and capacity mode with drops give the same forward logits,
-losses, gradients, global gradient norms and updated parameters as one process (fp32).
+idle expert, all tokens on one expert, capacity mode with drops, FSSDP, and MoFME feature-modulated
+experts under EP and FSSDP give the same forward logits, losses, gradients, global gradient norms
+and updated parameters as one process (fp32).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _full_grads(model, mesh) -> dict[str, torch.Tensor]:
             module = model.get_submodule(name.rpartition(".")[0])
             saved = module.owned.data
             module.owned.data = g
-            for wname, w in zip(("w1", "w2", "w3"), module.full_weights()):
+            for wname, w in module.full_weights().items():
                 out[name.rpartition(".")[0] + "." + wname] = w.clone()
             module.owned.data = saved
             continue
@@ -138,7 +139,7 @@ def test_matches_single_process(name: str, distributed_results) -> None:
 
 def test_fssdp_replicates_and_reshards(distributed_results) -> None:
     """The FSSDP scenarios really exercise sparse materialization and a re-sharding."""
-    for name in ("fssdp2", "fssdp2_rm", "fssdp4", "fssdp4_rm_fsdp"):
+    for name in ("fssdp2", "fssdp2_rm", "fssdp4", "fssdp4_rm_fsdp", "fme_fssdp2"):
         first = distributed_results[name][0]
         assert first["max_replicas"] >= 2, f"{name}: no expert was materialized beyond its owner"
         assert first["resharded"], f"{name}: ownership never changed"

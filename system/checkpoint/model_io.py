@@ -10,6 +10,7 @@ during the save never leaves a half-written model under the final name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from system.moe.experts import GroupedExperts
+from system.moe.experts import ExpertModule
 from system.parallel.expert_parallel import gather_experts
 
 MODEL_FILE = "model.safetensors"
@@ -38,10 +39,10 @@ def _fssdp_owner(model: nn.Module, name: str):
     return module if hasattr(module, "full_weights") else None
 
 
-def _expert_owner(model: nn.Module, name: str) -> GroupedExperts | None:
+def _expert_owner(model: nn.Module, name: str) -> ExpertModule | None:
     module_name, _, _ = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    return module if isinstance(module, GroupedExperts) else None
+    return module if isinstance(module, ExpertModule) else None
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def full_state_dict(model: nn.Module, mesh: DeviceMesh) -> dict[str, torch.Tenso
         fssdp = _fssdp_owner(model, name)
         if fssdp is not None:
             prefix = name.rpartition(".")[0]
-            for wname, w in zip(("w1", "w2", "w3"), fssdp.full_weights()):
+            for wname, w in fssdp.full_weights().items():
                 out[f"{prefix}.{wname}"] = w.detach().to("cpu").contiguous()
             continue
         if isinstance(tensor, DTensor):
@@ -159,17 +160,17 @@ def load_model(model: nn.Module, path: str | Path) -> None:
 
 
 def _load_fssdp_rows(f, file: Path, prefix: str, module, target: torch.Tensor) -> None:
-    """Fill an FSSDP owned buffer ``[n_owned, P]`` from the saved global ``w1``/``w2``/``w3``."""
-    d, hid, num = module.dim, module.hidden_dim, module.num_global_experts
+    """Fill an FSSDP owned buffer ``[n_owned, P]`` from the saved global expert tensors (kind's layout)."""
+    num = module.num_global_experts
     owned = module.state.ownership.owned(module.state.rank).tolist()
     offset = 0
-    for wname, shape in (("w1", (num, d, hid)), ("w2", (num, hid, d)), ("w3", (num, d, hid))):
+    for wname, per_expert in module.kind.layout:
         key = f"{prefix}.{wname}"
         if key not in f.keys():
             raise KeyError(f"tensor {key!r} missing from {file}")
         sl = f.get_slice(key)
-        _check_shape(key, file, tuple(sl.get_shape()), shape)
-        width = shape[1] * shape[2]
+        _check_shape(key, file, tuple(sl.get_shape()), (num, *per_expert))
+        width = math.prod(per_expert)
         for row, expert in enumerate(owned):
             target[row, offset : offset + width].copy_(sl[expert : expert + 1].reshape(-1))
         offset += width

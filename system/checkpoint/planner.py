@@ -251,6 +251,32 @@ def _checks(fqn: str, sb: SavedBox, start: int, end: int, chunk: int) -> list[Ch
     ]
 
 
+def contiguous_runs(box: Box, region: Box, *, min_gap_elems: int, max_runs: int) -> list[Box] | None:
+    """Split ``region`` into sub-boxes that are each contiguous in the row-major ``box``, or None.
+
+    The runs are the rows of ``region`` over its outer dimensions: with ``k`` the innermost dimension
+    where ``region`` does not span ``box``, each index of the dimensions before ``k`` is one run
+    (e.g. the experts' slices of a ``[E, a, b]`` box cut on dim 1). Returns None (read the bounding
+    span instead) when the region is already contiguous, when consecutive runs are closer than
+    ``min_gap_elems`` on average (then one span read wastes little), or when there would be more than
+    ``max_runs`` runs.
+    """
+    import itertools
+
+    lengths = region[1]
+    k = len(lengths) - 1
+    while k > 0 and lengths[k] == box[1][k]:
+        k -= 1
+    if k <= 0 or volume(lengths[:k]) <= 1:
+        return None
+    count = volume(lengths[:k])
+    first, end = flat_span(box, region)
+    if count > max_runs or (end - first - volume(lengths)) < min_gap_elems * (count - 1):
+        return None
+    ranges = [range(o, o + n) for o, n in zip(region[0][:k], lengths[:k])]
+    return [(tuple(idx) + region[0][k:], (1,) * k + lengths[k:]) for idx in itertools.product(*ranges)]
+
+
 def plan_reads(
     fqn: str,
     meta: TensorMeta,
@@ -259,11 +285,21 @@ def plan_reads(
     chunk_bytes: int,
     verify: bool,
     max_span_bytes: int = 32 << 20,
+    min_gap_bytes: int = 64 << 10,
+    max_runs: int = 4096,
 ) -> list[ReadOp]:
-    """Byte-range reads that fill every overlap (before coalescing; see :func:`coalesce`)."""
+    """Byte-range reads that fill every overlap (before coalescing; see :func:`coalesce`).
+
+    An overlap that is not contiguous in its saved box (a slice of every expert when the experts were
+    saved split on dim 0 and are loaded split on dim 1) is read as its contiguous runs when the gaps
+    between runs are at least ``min_gap_bytes`` on average (see :func:`contiguous_runs`), so the bytes
+    between runs are not read; otherwise as bounding spans of at most ``max_span_bytes``.
+    """
     size = itemsize(meta.dtype)
     ops: list[ReadOp] = []
-    for sb, region, dest in overlaps:
+    todo = list(reversed(overlaps))
+    while todo:
+        sb, region, dest = todo.pop()
         box = (sb.offsets, sb.lengths)
         bo, n = sb.byte_offset, sb.nbytes
         floor_c = (lambda x: bo + (x - bo) // chunk_bytes * chunk_bytes) if verify else (lambda x: x)
@@ -286,6 +322,10 @@ def plan_reads(
             if hi < b:
                 ops.append(_staged_bytes(fqn, sb, hi, ceil_c(b), hi, u8[hi - a :], verify, chunk_bytes))
             continue
+        runs = contiguous_runs(box, region, min_gap_elems=-(-min_gap_bytes // size), max_runs=max_runs)
+        if runs is not None:
+            todo.extend((sb, run, dest[slices_in(region, run)]) for run in reversed(runs))
+            continue
         strides = row_major_strides(sb.lengths)
         for sub in _split(box, region, size, max_span_bytes):
             f, e = flat_span(box, sub)
@@ -305,16 +345,30 @@ def _staged_bytes(fqn, sb, start, end, src_abs, dest_u8, verify, chunk) -> ReadO
 def coalesce(ops: list[ReadOp], *, gap_bytes: int = 64 << 10, max_bytes: int = 16 << 20) -> list[ReadOp]:
     """Merge staged reads of one file that overlap or lie within ``gap_bytes``, up to ``max_bytes`` each.
 
-    Direct reads are left alone. Merged reads start at a multiple of :data:`ALIGN`, so every staged
+    Direct reads are left alone, and a gap that a direct read covers in part is never merged over (its
+    bytes are read anyway). Merged reads start at a multiple of :data:`ALIGN`, so every staged
     element stays aligned for ``Tensor.view(dtype)``.
     """
+    import bisect
+
     direct = [op for op in ops if op.direct is not None]
+    taken: dict[str, tuple[list[int], list[int]]] = {}  # file -> (sorted starts, running max of ends)
+    for op in sorted(direct, key=lambda op: (op.file, op.start)):
+        starts, ends = taken.setdefault(op.file, ([], []))
+        starts.append(op.start)
+        ends.append(max(op.end, ends[-1]) if ends else op.end)
+
+    def gap_is_free(file: str, lo: int, hi: int) -> bool:
+        starts, ends = taken.get(file, ((), ()))
+        i = bisect.bisect_left(starts, hi)  # direct reads starting before the gap's end
+        return hi <= lo or i == 0 or ends[i - 1] <= lo
+
     staged = sorted((op for op in ops if op.direct is None), key=lambda op: (op.file, op.start))
     merged: list[ReadOp] = []
     for op in staged:
         cur = merged[-1] if merged else None
         if (cur is not None and cur.file == op.file and op.start - cur.end <= gap_bytes
-                and max(cur.end, op.end) - cur.start <= max_bytes):
+                and max(cur.end, op.end) - cur.start <= max_bytes and gap_is_free(op.file, cur.end, op.start)):
             cur.end = max(cur.end, op.end)
             cur.fills += op.fills
             cur.checks += op.checks

@@ -6,11 +6,13 @@ parallelised by :mod:`system.parallel` into that form, whatever the layout:
 
 - dense parameters, replicated: one plain tensor (every rank holds all of it; written once);
 - dense parameters under FSDP2 (``DTensor``): this rank's shard and its global offset;
-- experts under expert parallelism (:class:`~system.moe.experts.GroupedExperts`): the
-  ``[E_local, ...]`` block at ``expert_offset`` on the global expert axis ``[E, ...]``
-  (data-parallel replicas hold the same box; it is written once);
+- experts under expert parallelism (any :class:`~system.moe.experts.ExpertModule`: SwiGLU
+  ``w1``/``w2``/``w3``, FME ``scale``/``shift``/...): the ``[E_local, ...]`` block at
+  ``expert_offset`` on the global expert axis ``[E, ...]`` (data-parallel replicas hold the same
+  box; it is written once);
 - experts under FSSDP (:class:`~system.parallel.fssdp.layer.FSSDPExperts`): each owned row of
-  the flat ``[n_owned, P]`` buffer unflattened into ``w1``/``w2``/``w3`` boxes of one expert.
+  the flat ``[n_owned, P]`` buffer unflattened, by the expert kind's layout, into one box per
+  expert tensor (``w1``/``w2``/``w3`` for SwiGLU).
 
 AdamW moments (``exp_avg``, ``exp_avg_sq``) have the parameter's layout and are described by the
 same boxes, so they reshard exactly like the weights. Names: ``model.<fqn>``,
@@ -21,6 +23,7 @@ tensors are views into the live parameters and optimizer state, filled in place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from system.checkpoint.sharding import Shard, ShardedEntry
-from system.moe.experts import GroupedExperts
+from system.moe.experts import ExpertModule
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -68,17 +71,18 @@ def _dtensor_pieces(name: str, p: DTensor) -> list[Piece]:
 
 def _fssdp_pieces(prefix: str, module: nn.Module) -> list[Piece]:
     st = module.state
-    d, f = module.dim, module.hidden_dim
     e_total = module.num_global_experts
-    specs = (("w1", 0, (d, f)), ("w2", d * f, (f, d)), ("w3", 2 * d * f, (d, f)))
-    pieces = []
-    for wname, start, shape in specs:
+    owned = st.ownership.owned(st.rank).tolist()
+    pieces, start = [], 0
+    for wname, shape in module.kind.layout:
+        width = math.prod(shape)
         boxes = []
-        for row, expert in enumerate(st.ownership.owned(st.rank).tolist()):
-            def slicer(t, row=row, start=start, shape=shape):
-                return _local(t)[row, start : start + shape[0] * shape[1]].view(1, *shape)
-            boxes.append((slicer, (int(expert), 0, 0)))
+        for row, expert in enumerate(owned):
+            def slicer(t, row=row, start=start, width=width, shape=shape):
+                return _local(t)[row, start : start + width].view(1, *shape)
+            boxes.append((slicer, (int(expert),) + (0,) * len(shape)))
         pieces.append(Piece(f"{prefix}.{wname}", (e_total, *shape), boxes))
+        start += width
     return pieces
 
 
@@ -98,7 +102,7 @@ def parameter_pieces(model: nn.Module) -> list[tuple[nn.Parameter, list[Piece]]]
         owner = modules.get(prefix)
         if owner is not None and hasattr(owner, "full_weights") and leaf == "owned":
             out.append((p, _fssdp_pieces(prefix, owner)))
-        elif isinstance(owner, GroupedExperts):
+        elif isinstance(owner, ExpertModule):
             e_local = p.shape[0]
             shape = (owner.num_global_experts, *p.shape[1:])
             offsets = (owner.expert_offset,) + (0,) * (p.dim() - 1)

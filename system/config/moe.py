@@ -34,6 +34,32 @@ class MoEConfig:
         default=0.0,
         metadata={"help": "0: dropless. > 0: each expert takes at most ceil(cf * T * k / E) tokens; the rest drop."},
     )
+    expert_type: Literal["ffn", "fme"] = field(
+        default="ffn",
+        metadata={"help": "ffn: E SwiGLU experts of hidden expert_dim. fme: MoFME feature-modulated experts, one "
+                  "shared SwiGLU block of hidden expert_dim run once per token, expert i a per-feature scale and "
+                  "shift of its hidden features (docs/mofme.md)."},
+    )
+    fme_modulation: Literal["vector", "lowrank"] = field(
+        default="vector",
+        metadata={"help": "FME expert: vector = per-feature scale and shift (2 * expert_dim parameters); lowrank = "
+                  "plus a rank-fme_rank linear map of the features (2 * expert_dim * (1 + fme_rank))."},
+    )
+    fme_rank: int = field(default=8, metadata={"help": "Rank r of the FME low-rank map (fme_modulation = lowrank)."})
+    router: Literal["topk", "uncertainty"] = field(
+        default="topk",
+        metadata={"help": "topk: linear gate + top-k. uncertainty: MoFME uncertainty-aware router (Monte Carlo "
+                  "dropout passes in training, top-k on their mean, weights calibrated by their spread; eval = topk)."},
+    )
+    router_dropout: float = field(
+        default=0.1, metadata={"help": "Uncertainty router: dropout on the router input in training, in [0, 1) "
+                               "(0 = the plain top-k router)."}
+    )
+    router_passes: int = field(default=4, metadata={"help": "Uncertainty router: M stochastic passes in training."})
+    router_uncertainty_scale: float = field(
+        default=1.0, metadata={"help": "Uncertainty router: alpha, weights scaled by 1 / (1 + alpha (std/mean)^2) "
+                               "before re-normalisation (0 = mean scores)."}
+    )
     grouped_mm: Literal["auto", "on", "off"] = field(
         default="auto", metadata={"help": "Expert kernel: on = torch._grouped_mm, off = fused chunked per-expert kernel (exact), "
         "auto = grouped_mm on CUDA where it runs, the chunked kernel on CPU."}
@@ -51,6 +77,20 @@ class MoEConfig:
             raise ValueError(f"moe.interleave must be >= 1, got {self.interleave}")
         if self.capacity_factor < 0:
             raise ValueError(f"moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        if self.expert_type not in ("ffn", "fme"):
+            raise ValueError(f"moe.expert_type must be 'ffn' or 'fme', got {self.expert_type!r}")
+        if self.fme_modulation not in ("vector", "lowrank"):
+            raise ValueError(f"moe.fme_modulation must be 'vector' or 'lowrank', got {self.fme_modulation!r}")
+        if self.fme_rank < 1:
+            raise ValueError(f"moe.fme_rank must be >= 1, got {self.fme_rank}")
+        if self.router not in ("topk", "uncertainty"):
+            raise ValueError(f"moe.router must be 'topk' or 'uncertainty', got {self.router!r}")
+        if not 0.0 <= self.router_dropout < 1.0:
+            raise ValueError(f"moe.router_dropout must be in [0, 1), got {self.router_dropout}")
+        if self.router_passes < 1:
+            raise ValueError(f"moe.router_passes must be >= 1, got {self.router_passes}")
+        if self.router_uncertainty_scale < 0:
+            raise ValueError(f"moe.router_uncertainty_scale must be >= 0, got {self.router_uncertainty_scale}")
         for key in ("aux_loss_coef", "z_loss_coef", "first_dense_layers", "num_shared_experts"):
             if getattr(self, key) < 0:
                 raise ValueError(f"moe.{key} must be >= 0, got {getattr(self, key)}")

@@ -137,10 +137,10 @@ class MmapCheckpoint:
         return self.raw(name).view(info.dtype).view(info.shape)
 
     def close(self) -> None:
-        """Unmap the files (views still alive keep their mapping until they are freed)."""
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:  # a view is still exported; the mapping goes with the last view
-                pass
+        """Drop this object's references to the mappings.
+
+        A mapping is unmapped when its last view is freed (each view holds a reference to it):
+        ``mmap.close()`` is never called, since ``torch.frombuffer`` views do not pin the buffer and
+        would be left pointing at unmapped memory.
+        """
         self._maps.clear()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from system.config.model import ModelConfig
 from system.config.moe import MoEConfig
 from system.inference.mmap_file import MmapCheckpoint
-from system.inference.sections import ModelLayout
+from system.inference.sections import ModelLayout, align_up
 
 MODES = ("none", "ring", "experts")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -205,8 +205,12 @@ def make_plan(
         for s in layout.sections:
             routed = [t for t in s.tensors if ".moe.experts." in t.name]
             dense += sum(t.nbytes for t in s.tensors if t not in routed)
-            if routed:
-                per_expert = max(per_expert, sum(t.nbytes // t.shape[0] for t in routed))
+            if routed:  # one expert's tensors, each at an ALIGN-aligned offset (expert_cache.expert_slot_layout)
+                offset = end = 0
+                for t in routed:
+                    end = offset + t.nbytes // t.shape[0]
+                    offset = align_up(end)
+                per_expert = max(per_expert, end)
         size = per_expert if slot_bytes is None else slot_bytes
         if per_expert > size:
             raise PlanError(f"one expert ({per_expert} B) is larger than an expert slot of {size} B")

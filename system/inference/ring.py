@@ -7,7 +7,7 @@ is allocated for weights while generating and slots never fragment.
 
 Schedule. Forward passes visit blocks ``0..N-1``; a global counter ``c`` numbers the block visits
 across passes (prefill, then every decode step). Visit ``c`` computes section ``c mod N`` in slot
-``c mod K``. When it is done, the slot is released and section ``(c + K) mod N`` (the section of
+``c mod K``. When its compute has released the slot, section ``(c + K) mod N`` (the section of
 visit ``c + K``) is loaded into the same slot, so with ``K >= 2`` the next ``K - 1`` sections are in
 flight while a block computes; ``K = 1`` is the no-prefetch baseline. The wrap mod N carries the
 prefetch from the last block of one step into the first blocks of the next. With ``K >= N`` only
@@ -15,10 +15,11 @@ prefetch from the last block of one step into the first blocks of the next. With
 re-streamed: a load is skipped when the slot already holds the section).
 
 Protocol with the transport (:mod:`system.inference.transport`), per visit ``c`` in slot ``s``:
-``wait_ready(s)`` (the load of this visit's section has landed), compute, ``release(s)`` (the slot
-may be overwritten), ``load(ticket, section, s)`` (asynchronous: the transport waits for the release
-before it writes). On CUDA these are a stream wait on ``ready[s]``, an event record ``free[s]``, and
-copies on a copy stream that waits on ``free[s]`` and records ``ready[s]``: no host synchronisation.
+``wait_ready(s)`` (the load of this visit's section has landed), ``load(ticket, section, s)`` of visit
+``c + K``'s section (issued at once; the transport starts writing only after the next ``release(s)``),
+compute, ``release(s)``. On the CPU the copier thread's ``free[s]`` semaphore carries that rule, on
+CUDA the copy stream waits on the event ``free[s]`` recorded by ``release`` and records ``ready[s]``,
+which the compute stream waits on: no host synchronisation.
 
 Generation stamps. Each load has a ticket (``c + 1`` of the visit it serves); the transport writes
 ``-ticket`` into the slot's stamp when the copy starts and ``ticket`` when it ends. The scheduler
@@ -131,6 +132,10 @@ class RingScheduler:
         log: optional :class:`EventLog` of compute events (the transport logs the loads).
         check_stamps: verify the slot's generation stamp before and after each compute.
 
+    Attributes:
+        counter: block visits so far.
+        bytes_issued: bytes of the loads issued so far (priming included): what the ring streams.
+
     Raises:
         RuntimeError: (from :meth:`run`) blocks visited out of order.
         StaleSlotError: (from :meth:`run`) a stamp check failed.
@@ -144,6 +149,7 @@ class RingScheduler:
         self.num_slots = ring.num_slots
         self.num_sections = len(ring.sections)
         self.counter = 0
+        self.bytes_issued = 0
         self.content = [-1] * self.num_slots  # section each slot holds (or is loading)
         self.ticket = [0] * self.num_slots  # ticket of that content
         self.pending = [False] * self.num_slots  # a load was issued that the next visit must wait for
@@ -157,20 +163,11 @@ class RingScheduler:
             self.pending[slot] = False
             return
         self.content[slot], self.ticket[slot], self.pending[slot] = section, c + 1, True
+        self.bytes_issued += self.ring.sections[section].nbytes
         self.transport.load(c + 1, self.ring.sections[section], slot)
 
-    def _acquire(self, slot: int) -> None:
-        if self.pending[slot]:
-            self.transport.wait_ready(slot)
-
-    def _release_and_prefetch(self, c: int, slot: int) -> None:
-        nxt = c + self.num_slots
-        if self.content[slot] != nxt % self.num_sections:
-            self.transport.release(slot)
-        self._issue(nxt)
-
     def run(self, block: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Compute block ``block``'s FFN with its section bound to its slot; prefetch into the slot after.
+        """Compute block ``block``'s FFN with its section bound to its slot, and queue the slot's next load.
 
         Args:
             block: the block index; must be ``counter mod N`` (blocks in order, wrapping).
@@ -180,10 +177,13 @@ class RingScheduler:
         slot, section = c % self.num_slots, c % self.num_sections
         if block != section:
             raise RuntimeError(f"ring visit {c} expects block {section}, got block {block} (blocks must run in order)")
-        self._acquire(slot)
+        if self.pending[slot]:
+            self.transport.wait_ready(slot)
         ticket = self.ticket[slot]
         if self.check_stamps:
             self.transport.check_stamp(slot, ticket, f"before computing section {section} (visit {c})")
+        self._issue(c + self.num_slots)  # the transport waits for release(slot) before writing
+        reload = self.pending[slot]
         if self.log is not None:
             self.log.record("compute_start", section, slot, ticket)
         self.ring.bind(section, slot)
@@ -196,7 +196,8 @@ class RingScheduler:
         if self.log is not None:
             self.log.record("compute_end", section, slot, ticket)
         self.counter += 1
-        self._release_and_prefetch(c, slot)
+        if reload:
+            self.transport.release(slot)
         return out
 
     def ffn_runner(self, inner: Callable[[int, nn.Module, torch.Tensor], torch.Tensor]):

@@ -3,8 +3,9 @@
 Resident (kept on the device for the whole run): token embeddings, every block's attention and
 norms, the routers, the final norm and the output head. Section ``i`` (one per block, ``N =
 n_layers``) is the feed-forward weight of block ``i``: for a MoE block its routed experts
-(``moe.experts.w1/w2/w3``, ``[E, d, f]``/``[E, f, d]``) and its shared experts, for a dense block its
-SwiGLU FFN (``mlp.w1/w2/w3``). A model that mixes dense and MoE blocks, or different expert counts,
+(``moe.experts.w1/w2/w3``, ``[E, d, f]``/``[E, f, d]``; for FME experts their modulations
+``moe.experts.scale/shift/...`` and the shared block ``moe.fme_shared``) and its shared experts, for a
+dense block its SwiGLU FFN (``mlp.w1/w2/w3``). A model that mixes dense and MoE blocks, or different expert counts,
 has sections of unequal size; ring slots are sized to the largest one.
 
 Within a slot a section is packed: its tensors in name order, each at an offset aligned to
@@ -28,7 +29,7 @@ from system.models.model import MoETransformer
 ALIGN = 256
 """Byte alignment of every tensor inside a slot (a multiple of the CPU allocator's 64 and CUDA's 256)."""
 
-_SECTION_RE = re.compile(r"^layers\.(\d+)\.(moe\.experts|moe\.shared_experts|mlp)\.")
+_SECTION_RE = re.compile(r"^layers\.(\d+)\.(moe\.experts|moe\.shared_experts|moe\.fme_shared|mlp)\.")
 
 
 def align_up(n: int, align: int = ALIGN) -> int:

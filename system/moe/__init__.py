@@ -1,20 +1,32 @@
 """Mixture-of-Experts building blocks: router, experts, token dispatch and the MoE layer."""
 
 from system.moe.dispatch import AllToAllDispatcher, LocalDispatcher, all_to_all
-from system.moe.experts import FeedForward, GroupedExperts, expert_swiglu, grouped_matmul
+from system.moe.experts import (
+    ExpertKind, ExpertModule, FeedForward, GroupedExperts, SwiGLUKind, expert_swiglu, grouped_matmul,
+)
+from system.moe.fme import FeatureModulatedExperts, FMEKind
 from system.moe.layer import MoELayer, MoEStats
-from system.moe.router import RouterOutput, TopKRouter, load_balancing_loss, router_z_loss
+from system.moe.router import (
+    RouterOutput, TopKRouter, UncertaintyRouter, build_router, load_balancing_loss, router_z_loss,
+)
 
 __all__ = [
     "AllToAllDispatcher",
+    "ExpertKind",
+    "ExpertModule",
+    "FMEKind",
+    "FeatureModulatedExperts",
     "FeedForward",
     "GroupedExperts",
     "LocalDispatcher",
     "MoELayer",
     "MoEStats",
     "RouterOutput",
+    "SwiGLUKind",
     "TopKRouter",
+    "UncertaintyRouter",
     "all_to_all",
+    "build_router",
     "expert_swiglu",
     "grouped_matmul",
     "load_balancing_loss",

@@ -1,20 +1,29 @@
-"""SwiGLU experts stored with a leading expert axis and computed with a grouped matmul.
+"""Experts stored with a leading expert axis: the shared contract, and the SwiGLU experts.
 
-Each weight is one parameter of shape ``[E_local, ...]``: ``w1``/``w3`` ``[E_local, d, f]`` and
-``w2`` ``[E_local, f, d]``. The module records which slice of the layer's global expert axis
-``[E, ...]`` it holds (``expert_offset``, ``num_global_experts``), so that saving and loading can
-use global expert indices whatever the expert-parallel degree.
+Every expert module (:class:`ExpertModule`) holds parameters of shape ``[E_local, ...]`` only, one
+row per expert, and records which slice of the layer's global expert axis ``[E, ...]`` it holds
+(``expert_offset``, ``num_global_experts``). Its :class:`ExpertKind` describes one expert's
+parameters (names and per-expert shapes, in flat-row order) and computes experts from given
+weights. That is all the parallelisms and checkpoints rely on: expert parallelism slices every
+parameter by expert rows, FSSDP flattens one expert per row of its owned buffer and computes on
+gathered rows, checkpoints place each parameter at ``expert_offset`` on the global axis. Expert
+types: :class:`GroupedExperts` (SwiGLU FFN experts, here) and
+:class:`~system.moe.fme.FeatureModulatedExperts` (MoFME).
+
+SwiGLU experts: ``w1``/``w3`` ``[E_local, d, f]`` and ``w2`` ``[E_local, f, d]``, computed with a
+grouped matmul (CUDA) or the chunked exact kernel (CPU).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from system.moe.swiglu import swiglu_experts
+from system.moe.swiglu import swiglu_experts, swiglu_experts_flat
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -101,7 +110,162 @@ def expert_swiglu(
     return swiglu_experts(x, w1, w2, w3, counts)
 
 
-class GroupedExperts(nn.Module):
+class ExpertKind:
+    """What one expert of a type is: its parameters and how experts are computed from them.
+
+    Subclasses are small frozen dataclasses (no tensors), so FSSDP can keep one without keeping the
+    full expert weights alive. ``layout`` lists ``(name, per-expert shape)`` in flat-row order: a
+    flat row ``[P]`` is the concatenation of the flattened per-expert tensors in that order.
+
+    Attributes (properties of subclasses):
+        layout: ``((name, shape), ...)``; the module's parameters are ``name: [E_local, *shape]``.
+        in_features: width of the rows the experts read.
+        out_features: width of the rows the experts return.
+    """
+
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        """P: parameters of one expert (the width of a flat row)."""
+        return sum(math.prod(shape) for _, shape in self.layout)
+
+    def flatten(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``{name: [n, *shape]}`` -> flat rows ``[n, P]`` (a copy).
+
+        Raises:
+            KeyError: a tensor of the layout is missing.
+        """
+        return torch.cat([weights[name].reshape(weights[name].shape[0], -1) for name, _ in self.layout], dim=1)
+
+    def unflatten(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat rows ``[n, P]`` -> ``{name: view [n, *shape]}`` in layout order.
+
+        Raises:
+            ValueError: ``rows`` is not ``[n, P]``.
+        """
+        if rows.dim() != 2 or rows.shape[1] != self.numel:
+            raise ValueError(f"expert rows must be [n, {self.numel}], got {list(rows.shape)}")
+        out, start, n = {}, 0, rows.shape[0]
+        for name, shape in self.layout:
+            width = math.prod(shape)
+            out[name] = rows[:, start : start + width].view(n, *shape)
+            start += width
+        return out
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Experts on rows grouped by expert: ``x`` ``[M, in]``, ``counts`` ``[G]`` (sum M),
+        ``weights`` ``{name: [G, *shape]}`` -> ``[M, out]``. Autocast is off; inputs share one dtype."""
+        raise NotImplementedError
+
+    def compute_flat(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`compute` with the weights as flat rows ``[G, P]`` (FSSDP's gathered buffer)."""
+        return self.compute(x, counts, self.unflatten(rows))
+
+
+def autocast_inputs(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cast ``x`` and ``tensors`` to the autocast dtype when autocast is on (experts then run with it off)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), {k: v.to(dtype) for k, v in tensors.items()}
+
+
+class ExpertModule(nn.Module):
+    """Base of the expert modules of a MoE layer: parameters ``[E_local, ...]`` on a global expert axis.
+
+    Subclasses register their expert parameters directly on themselves (no submodules, no other
+    parameters) with the names and per-expert shapes of their :meth:`kind`'s layout; everything
+    else (EP slicing, FSSDP flattening, gradient classification, checkpoints) is generic.
+
+    Args:
+        num_global_experts: experts in the layer over all ranks.
+        expert_offset: global index of this module's first expert.
+    """
+
+    def __init__(self, num_global_experts: int, expert_offset: int = 0):
+        super().__init__()
+        self.num_global_experts = num_global_experts
+        self.expert_offset = expert_offset
+
+    def kind(self) -> ExpertKind:
+        """The :class:`ExpertKind` of these experts."""
+        raise NotImplementedError
+
+    @property
+    def num_local_experts(self) -> int:
+        return next(iter(self._parameters.values())).shape[0]
+
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        """``{name: parameter [E_local, *shape]}`` in layout order."""
+        return {name: getattr(self, name) for name, _ in self.kind().layout}
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Apply local expert g to its rows.
+
+        Args:
+            x: ``[M, in_features]`` rows sorted by local expert.
+            counts: ``[E_local]`` int64 rows per local expert (sums to M).
+
+        Returns:
+            ``[M, out_features]``, same order as ``x`` (computed in the autocast dtype when autocast is on).
+        """
+        x, weights = autocast_inputs(x, self.expert_weights())
+        with torch.autocast(x.device.type, enabled=False):
+            return self.kind().compute(x, counts, weights)
+
+    @torch.no_grad()
+    def keep_experts_(self, lo: int, hi: int) -> None:
+        """Keep global experts ``[lo, hi)`` only (new parameters, copies of those rows); sets ``expert_offset``.
+
+        Raises:
+            ValueError: the range is not inside the experts this module holds.
+        """
+        start = lo - self.expert_offset
+        if not 0 <= start <= start + (hi - lo) <= self.num_local_experts:
+            raise ValueError(f"experts [{lo}, {hi}) are not inside the held [{self.expert_offset}, "
+                             f"{self.expert_offset + self.num_local_experts})")
+        for name, p in list(self._parameters.items()):
+            rows = p.detach()[start : start + hi - lo].clone()
+            setattr(self, name, nn.Parameter(rows, requires_grad=p.requires_grad))
+        self.expert_offset = lo
+
+
+@dataclass(frozen=True)
+class SwiGLUKind(ExpertKind):
+    """SwiGLU FFN experts ``(silu(x W1) * (x W3)) W2``: ``w1 [d, f]``, ``w2 [f, d]``, ``w3 [d, f]`` per expert."""
+
+    dim: int
+    hidden_dim: int
+    grouped_mm: str = "auto"
+
+    @property
+    def layout(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        d, f = self.dim, self.hidden_dim
+        return (("w1", (d, f)), ("w2", (f, d)), ("w3", (d, f)))
+
+    @property
+    def in_features(self) -> int:
+        return self.dim
+
+    @property
+    def out_features(self) -> int:
+        return self.dim
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:func:`expert_swiglu` of rows ``x`` ``[M, d]`` grouped by expert -> ``[M, d]``."""
+        return expert_swiglu(x, weights["w1"], weights["w2"], weights["w3"], counts, self.grouped_mm)
+
+    def compute_flat(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The fused flat-row kernel on CPU (one flat weight gradient), else :meth:`compute`."""
+        if expert_kernel(x.device, x.dtype, self.grouped_mm) == "chunked":
+            return swiglu_experts_flat(x, rows, self.dim, self.hidden_dim, counts)
+        return self.compute(x, counts, self.unflatten(rows))
+
+
+class GroupedExperts(ExpertModule):
     """``E_local`` SwiGLU experts ``y = (silu(x W1) * (x W3)) W2`` over rows grouped by expert.
 
     Args:
@@ -122,40 +286,20 @@ class GroupedExperts(nn.Module):
         num_global_experts: int | None = None,
         expert_offset: int = 0,
     ):
-        super().__init__()
+        super().__init__(num_global_experts or num_experts, expert_offset)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.grouped_mm = grouped_mm
-        self.num_global_experts = num_global_experts or num_experts
-        self.expert_offset = expert_offset
 
-    @property
-    def num_local_experts(self) -> int:
-        return self.w1.shape[0]
+    def kind(self) -> SwiGLUKind:  # noqa: D102
+        return SwiGLUKind(self.w1.shape[1], self.w1.shape[2], self.grouped_mm)
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Normal init: ``w1``/``w3`` with ``std``, the output projection ``w2`` with ``out_std``."""
         nn.init.trunc_normal_(self.w1, std=std)
         nn.init.trunc_normal_(self.w3, std=std)
         nn.init.trunc_normal_(self.w2, std=out_std)
-
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Apply expert g to its rows.
-
-        Args:
-            x: ``[M, d]`` tokens sorted by local expert.
-            counts: ``[E_local]`` int64 tokens per local expert (sums to M).
-
-        Returns:
-            ``[M, d]`` expert outputs, same order as ``x``.
-        """
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return expert_swiglu(x, w1, w2, w3, counts, self.grouped_mm)
 
 
 class FeedForward(nn.Module):

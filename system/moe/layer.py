@@ -1,5 +1,12 @@
 """The MoE feed-forward layer: router -> permute -> dispatch -> grouped experts -> combine.
 
+Two expert types (``moe.expert_type``): ``"ffn"``, E SwiGLU experts that read the token rows
+``[T, d]``; ``"fme"`` (MoFME, :mod:`system.moe.fme`), one shared SwiGLU block whose gate features
+``a = x W1`` ``[T, f]`` are computed once per token and dispatched to per-expert feature modulations,
+the weighted sum of their outputs being finished by the shared ``W2`` once per token. Two routers
+(``moe.router``): :class:`~system.moe.router.TopKRouter` and the uncertainty-aware
+:class:`~system.moe.router.UncertaintyRouter`.
+
 Dropless by default (every token reaches its k experts; uneven all-to-all under expert
 parallelism). With ``capacity_factor > 0`` each expert accepts at most
 ``ceil(capacity_factor * T * k / E)`` of a group's ``T`` tokens, in GShard's priority order (all
@@ -19,7 +26,8 @@ import torch.nn as nn
 from system.config.moe import MoEConfig
 from system.moe.dispatch import LocalDispatcher
 from system.moe.experts import FeedForward, GroupedExperts
-from system.moe.router import TopKRouter, load_balancing_loss, router_z_loss
+from system.moe.fme import FeatureModulatedExperts
+from system.moe.router import RouterOutput, build_router, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -33,6 +41,8 @@ class MoEStats:
         dropped: assignments dropped by the capacity limit on this rank.
         assignments: assignments made on this rank (``T * k``).
         expert_tokens: token copies this rank's experts computed (after dispatch): its expert load.
+        router_std: scalar, mean standard deviation of the chosen experts' scores over the
+            uncertainty router's passes (detached); ``None`` for a deterministic routing.
     """
 
     aux_loss: torch.Tensor
@@ -41,10 +51,11 @@ class MoEStats:
     dropped: int
     assignments: int
     expert_tokens: int = 0
+    router_std: torch.Tensor | None = None
 
 
 class MoELayer(nn.Module):
-    """Mixture-of-Experts SwiGLU layer ``[B, S, d] -> [B, S, d]``.
+    """Mixture-of-Experts layer ``[B, S, d] -> [B, S, d]`` (SwiGLU FFN or feature-modulated experts).
 
     Holds all E experts until :func:`system.parallel.apply_ep` slices them; the ``dispatcher``
     (local or all-to-all) and ``stats_group`` (the group over which routing statistics are
@@ -52,6 +63,8 @@ class MoELayer(nn.Module):
     single-device code.
 
     Attributes:
+        experts: the sharded expert parameters (:class:`~system.moe.experts.ExpertModule`).
+        fme_shared: the shared SwiGLU block of FME experts (a dense module), else ``None``.
         capacity_groups: in capacity mode, the tokens of one forward are split into this many equal
             groups, each with its own capacity (a single-process reference of an N-rank job uses N).
         last_stats: :class:`MoEStats` of the latest forward.
@@ -62,8 +75,17 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
-        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.score_func, cfg.norm_topk_prob)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim, grouped_mm=cfg.grouped_mm)
+        self.expert_type = cfg.expert_type
+        self.router = build_router(dim, cfg)
+        if cfg.expert_type == "fme":
+            self.experts = FeatureModulatedExperts(cfg.num_experts, cfg.expert_dim, cfg.fme_modulation, cfg.fme_rank,
+                                                   grouped_mm=cfg.grouped_mm)
+            self.fme_shared = FeedForward(dim, cfg.expert_dim)
+        elif cfg.expert_type == "ffn":
+            self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim, grouped_mm=cfg.grouped_mm)
+            self.fme_shared = None
+        else:
+            raise ValueError(f"moe.expert_type must be 'ffn' or 'fme', got {cfg.expert_type!r}")
         self.shared_experts = (
             FeedForward(dim, cfg.expert_dim * cfg.num_shared_experts) if cfg.num_shared_experts else None
         )
@@ -73,9 +95,14 @@ class MoELayer(nn.Module):
         self.last_stats: MoEStats | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
-        """Initialise router, experts and shared experts."""
+        """Initialise router, experts and shared experts (FME: the shared block like an FFN expert,
+        the modulations with ``std``, see :meth:`~system.moe.fme.FeatureModulatedExperts.init_weights`)."""
         nn.init.trunc_normal_(self.router.gate.weight, std=std)
-        self.experts.init_weights(std, out_std)
+        if self.fme_shared is not None:
+            self.fme_shared.init_weights(std, out_std)
+            self.experts.init_weights(std)
+        else:
+            self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
 
@@ -108,13 +135,15 @@ class MoELayer(nn.Module):
         order = order[:num_kept]
         token_of = order // self.top_k
 
-        x_local, local_counts = self.dispatcher.dispatch(xf[token_of], counts)
+        rows, ctx = self.expert_inputs(xf)
+        x_local, local_counts = self.dispatcher.dispatch(rows[token_of], counts)
         y_local = self.experts(x_local, local_counts)
         y = self.dispatcher.combine(y_local)
         # Weighted sum over each token's k experts, accumulated in float32 (y may be bf16).
         w = route.weights.flatten()[order]
-        out = torch.zeros(num_tokens, shape[-1], dtype=torch.float32, device=xf.device)
-        out = out.index_add(0, token_of, y.float() * w[:, None])
+        acc = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=xf.device)
+        acc = acc.index_add(0, token_of, y.float() * w[:, None])
+        out = self.expert_outputs(acc, ctx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(xf)
         self.last_stats = MoEStats(
@@ -124,8 +153,27 @@ class MoELayer(nn.Module):
             dropped=dropped,
             assignments=flat_expert.numel(),
             expert_tokens=x_local.shape[0],
+            router_std=_router_std(route),
         )
         return out.to(x.dtype).view(shape)
+
+    def expert_inputs(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token rows the experts read, and what :meth:`expert_outputs` needs.
+
+        FFN experts read the tokens ``xf`` ``[T, d]`` (context ``None``). FME experts read the shared
+        block's gate features ``a = xf W1`` ``[T, f]`` (computed once per token, before dispatch);
+        the context is ``b = xf W3`` ``[T, f]``, which stays on this rank.
+        """
+        if self.fme_shared is None:
+            return xf, None
+        return self.fme_shared.w1(xf), self.fme_shared.w3(xf)
+
+    def expert_outputs(self, acc: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        """Float32 ``[T, d]`` layer output from ``acc`` ``[T, out_features]``, the float32 router-weighted
+        sum of each token's expert rows: ``acc`` itself for FFN experts, ``W2 (acc * b)`` for FME."""
+        if ctx is None:
+            return acc
+        return self.fme_shared.w2(acc.to(ctx.dtype) * ctx).float()
 
     def _capacity_mask(self, indices: torch.Tensor) -> torch.Tensor:
         """``[T*k]`` bool: which assignments fit their expert's capacity within their group.
@@ -150,3 +198,10 @@ class MoELayer(nn.Module):
         keep = torch.empty_like(position, dtype=torch.bool)
         keep[order] = position < capacity
         return keep
+
+
+def _router_std(route: RouterOutput) -> torch.Tensor | None:
+    """Mean standard deviation of the chosen experts' scores over the router's passes, or None."""
+    if route.uncertainty is None:
+        return None
+    return route.uncertainty.detach().gather(1, route.indices).mean()

@@ -19,8 +19,10 @@ from system.moe.layer import MoELayer
 def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
     """Shard the experts of every :class:`MoELayer` of ``model`` over ``mesh["ep"]``, in place.
 
-    Each expert weight ``[E, ...]`` is replaced by its local rows ``[E/ep, ...]`` (the module keeps
-    ``expert_offset`` and ``num_global_experts`` so checkpoints use global expert indices). The
+    Each expert parameter ``[E, ...]`` of the layer's :class:`~system.moe.experts.ExpertModule`
+    (SwiGLU weights, or FME modulations) is replaced by its local rows ``[E/ep, ...]`` (the module
+    keeps ``expert_offset`` and ``num_global_experts`` so checkpoints use global expert indices);
+    dense parts of the layer (router, FME shared block, shared experts) stay replicated. The
     layer's dispatcher becomes an all-to-all over the EP group, and its routing statistics (for the
     load-balancing loss) are summed over all ranks of ``mesh``.
 
@@ -37,13 +39,8 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
         num = experts.num_global_experts
         if num % ep:
             raise ValueError(f"moe.num_experts={num} does not divide by the expert-parallel degree parallel.ep={ep}")
-        per_rank = num // ep
-        lo = ep_rank * per_rank
-        for name in ("w1", "w2", "w3"):
-            full = getattr(experts, name)
-            local = nn.Parameter(full.detach()[lo : lo + per_rank].clone(), requires_grad=full.requires_grad)
-            setattr(experts, name, local)
-        experts.expert_offset = lo
+        lo, hi = expert_rows(num, ep, ep_rank)
+        experts.keep_experts_(lo, hi)
         if ep > 1:
             moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), num)
         if mesh.size() > 1:

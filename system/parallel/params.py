@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from system.moe.experts import GroupedExperts
+from system.moe.experts import ExpertModule
 
 
 @dataclass
@@ -29,9 +29,9 @@ class ParamSplit:
         return self.ep_experts + self.fssdp_experts
 
 
-def expert_modules(model: nn.Module) -> list[GroupedExperts]:
-    """Every :class:`GroupedExperts` in ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, GroupedExperts)]
+def expert_modules(model: nn.Module) -> list[ExpertModule]:
+    """Every :class:`~system.moe.experts.ExpertModule` (SwiGLU or FME experts) in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, ExpertModule)]
 
 
 def split_parameters(model: nn.Module) -> ParamSplit:
@@ -42,7 +42,7 @@ def split_parameters(model: nn.Module) -> ParamSplit:
     """
     ep_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
     fssdp_ids = {
-        id(m.owned) for m in model.modules() if hasattr(m, "owned") and hasattr(m, "state") and not isinstance(m, GroupedExperts)
+        id(m.owned) for m in model.modules() if hasattr(m, "owned") and hasattr(m, "state") and not isinstance(m, ExpertModule)
     }
     split = ParamSplit([], [], [])
     for p in model.parameters():

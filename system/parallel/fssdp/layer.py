@@ -1,7 +1,8 @@
 """FSSDP inside one MoE layer: owned flat expert buffer, sparse materialization, token routing.
 
 Hecate (arXiv 2502.02581), sec. 4: every expert has exactly one owner, which keeps its parameters
-(one row of a flat ``[n_owned, P]`` buffer, ``P`` = parameters of one SwiGLU expert) and its AdamW
+(one row of a flat ``[n_owned, P]`` buffer, ``P`` = parameters of one expert: a SwiGLU FFN expert, or
+an FME modulation, laid out by the expert type's :class:`~system.moe.experts.ExpertKind`) and its AdamW
 state. Each iteration the layer's placement ``[E, W]`` says where experts are materialized;
 SparseAllGather copies owners' rows to those ranks before the experts run, tokens go to a
 materialized replica (local first, then same node, then anywhere), and after backward
@@ -17,8 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from system.moe.dispatch import all_to_all, expert_major_permutation
-from system.moe.experts import GroupedExperts, expert_kernel, expert_swiglu
-from system.moe.swiglu import swiglu_experts_flat
+from system.moe.experts import ExpertKind, ExpertModule, autocast_inputs
 from system.parallel.fssdp.collectives import materialized_ids, sparse_all_gather, sparse_reduce_scatter
 from system.parallel.fssdp.ownership import Ownership
 from system.parallel.fssdp.placement import LoadTracker, route_tokens
@@ -106,49 +106,44 @@ class FSSDPDispatcher:
 class FSSDPExperts(nn.Module):
     """The experts of one MoE layer under FSSDP: this rank's owned rows ``owned`` ``[n_owned, P]``.
 
-    Row ``i`` is expert ``ownership.owned(rank)[i]``, flattened as ``[w1 (d*f), w2 (f*d), w3 (d*f)]``.
-    ``forward`` gathers the materialized experts (SparseAllGather), runs them, and its backward
-    returns the owners' gradient (SparseReduceScatter) for ``owned``.
+    Row ``i`` is expert ``ownership.owned(rank)[i]``, flattened in the layout of the expert type's
+    :class:`~system.moe.experts.ExpertKind` (SwiGLU: ``[w1 (d*f), w2 (f*d), w3 (d*f)]``; FME:
+    ``[scale (f), shift (f), (down (f*r), up (r*f))]``). ``forward`` gathers the materialized experts
+    (SparseAllGather), runs them with the kind's :meth:`~system.moe.experts.ExpertKind.compute_flat`,
+    and its backward returns the owners' gradient (SparseReduceScatter) for ``owned``.
 
     Args:
-        experts: the layer's full :class:`GroupedExperts` (all E experts, identical on every rank).
+        experts: the layer's full expert module (all E experts, identical on every rank). Only its
+            kind (a small description) is kept, not its weights.
         state: the layer's :class:`FSSDPLayerState`.
     """
 
-    def __init__(self, experts: GroupedExperts, state: FSSDPLayerState):
+    def __init__(self, experts: ExpertModule, state: FSSDPLayerState):
         super().__init__()
         self.state = state
+        self.kind: ExpertKind = experts.kind()
         self.num_global_experts = experts.num_global_experts
-        self.dim, self.hidden_dim = experts.w1.shape[1], experts.w1.shape[2]
-        self.grouped_mm = experts.grouped_mm
         owned = state.ownership.owned(state.rank)
-        full = flatten_experts(experts.w1.detach(), experts.w2.detach(), experts.w3.detach())
+        full = self.kind.flatten({k: v.detach() for k, v in experts.expert_weights().items()})
         self.owned = nn.Parameter(full[owned].clone())
         self._pending: tuple | None = None  # (handle, placement it was started for)
 
     @property
     def expert_numel(self) -> int:
         """P: parameters of one expert."""
-        return 3 * self.dim * self.hidden_dim
+        return self.kind.numel
 
-    def unflatten(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[n, P]`` rows -> views ``w1 [n, d, f]``, ``w2 [n, f, d]``, ``w3 [n, d, f]``."""
-        d, f = self.dim, self.hidden_dim
-        n = rows.shape[0]
-        return (rows[:, : d * f].view(n, d, f), rows[:, d * f : 2 * d * f].view(n, f, d),
-                rows[:, 2 * d * f :].view(n, d, f))
+    def unflatten(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[n, P]`` rows -> ``{name: view [n, *shape]}`` (SwiGLU: ``w1 [n, d, f]``, ``w2 [n, f, d]``, ``w3``)."""
+        return self.kind.unflatten(rows)
 
     def compute(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of rows ``x`` ``[M, d]`` grouped by materialized expert with weights ``rows``."""
+        """Experts on rows ``x`` ``[M, in]`` grouped by materialized expert, with weights ``rows`` -> ``[M, out]``."""
         if rows.shape[0] == 0:
-            return x.new_zeros(0, self.dim)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, rows = x.to(dtype), rows.to(dtype)
+            return x.new_zeros(0, self.kind.out_features)
+        x, cast = autocast_inputs(x, {"rows": rows})
         with torch.autocast(x.device.type, enabled=False):
-            if expert_kernel(x.device, x.dtype, self.grouped_mm) == "chunked":
-                return swiglu_experts_flat(x, rows, self.dim, self.hidden_dim, counts)
-            return expert_swiglu(x, *self.unflatten(rows), counts, self.grouped_mm)
+            return self.kind.compute_flat(x, counts, cast["rows"])
 
     def prefetch(self) -> None:
         """Start this iteration's SparseAllGather asynchronously (a collective; every rank calls it).
@@ -186,8 +181,9 @@ class FSSDPExperts(nn.Module):
         return _FSSDPExpertFn.apply(x, counts, self.owned, self)
 
     @torch.no_grad()
-    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global ``w1 [E, d, f]``, ``w2 [E, f, d]``, ``w3 [E, d, f]`` on every rank (a collective)."""
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Global expert tensors ``{name: [E, *shape]}`` on every rank (a collective), e.g. SwiGLU
+        ``w1 [E, d, f]``, ``w2 [E, f, d]``, ``w3 [E, d, f]``."""
         st = self.state
         counts = [st.ownership.num_owned(r) for r in range(st.world_size)]
         width = max(counts)
@@ -200,11 +196,6 @@ class FSSDPExperts(nn.Module):
             ids = st.ownership.owned(r)
             full[ids] = parts[r][: len(ids)]
         return self.unflatten(full)
-
-
-def flatten_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """``w1 [E, d, f]``, ``w2 [E, f, d]``, ``w3 [E, d, f]`` -> flat rows ``[E, 3*d*f]``."""
-    return torch.cat([w1.flatten(1), w2.flatten(1), w3.flatten(1)], dim=1)
 
 
 def _remote_rows(st: FSSDPLayerState) -> int:

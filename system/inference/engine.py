@@ -1,0 +1,310 @@
+"""Serve a saved MoE model, resident or offloaded through a ring of slots (SE-MoE, arXiv 2205.10034, sec. 3.3.2).
+
+:class:`OffloadEngine` opens a checkpoint folder (``model.safetensors`` + ``config.json``, as
+:func:`system.checkpoint.model_io.save_model` writes it), checks the plan
+(:mod:`system.inference.plan`), loads the resident weights onto the device and, per mode:
+
+- ``offload="none"``: every weight resident; the reference path.
+- ``offload="ring"``: block FFNs stream from the host tier through ``K`` slots
+  (:mod:`system.inference.ring`, :mod:`system.inference.transport`).
+- ``offload="experts"``: only the experts the router picked stream, through an LRU pool of ``C``
+  expert slots (:mod:`system.inference.expert_cache`).
+
+All modes run the same decode code (:func:`system.inference.loop.generate_batch`), so ring and
+experts outputs are bitwise those of the resident engine on CPU. Inference is dropless: a
+``moe.capacity_factor`` from training is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from system.config.job import JobConfig
+from system.config.loader import apply_dict
+from system.data.tokenizer import build_tokenizer
+from system.inference.decoder import default_ffn
+from system.inference.expert_cache import ExpertCache, ExpertHost, expert_slot_layout
+from system.inference.loop import GenerationStats, generate_batch
+from system.inference.mmap_file import MmapCheckpoint
+from system.inference.plan import PlanError, check_checkpoint, make_plan, parse_bytes
+from system.inference.ring import EventLog, RingScheduler, SlotRing
+from system.inference.sampling import Sampler, SamplingConfig
+from system.inference.sections import (
+    ModelLayout, build_skeleton, expected_tensors, pack_section, section_index, split_model,
+)
+from system.inference.transport import CudaTransport, HostTier, Link, ThreadTransport
+from system.models.model import MoETransformer, precompute_rope
+
+logger = logging.getLogger(__name__)
+
+
+CONFIG_FILE = "config.json"
+"""The job config beside the model (as :func:`system.checkpoint.model_io.save_model` writes it; read
+here directly so that serving does not import the checkpoint package and its DTensor machinery)."""
+
+
+def load_job_config(checkpoint_dir: str | Path) -> JobConfig:
+    """The ``[model]``, ``[moe]`` and ``[data]`` sections saved beside a model (others are ignored).
+
+    Raises:
+        FileNotFoundError: no ``config.json``.
+        ValueError: a value is out of range (the key is named).
+    """
+    file = Path(checkpoint_dir) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} at {file}")
+    saved = json.loads(file.read_text())
+    cfg = JobConfig()
+    apply_dict(cfg, {k: saved[k] for k in ("model", "moe", "data") if k in saved}, source=f"{checkpoint_dir}/config.json")
+    cfg.model.validate()
+    cfg.moe.validate()
+    cfg.moe.capacity_factor = 0.0
+    return cfg
+
+
+def materialize(skeleton: MoETransformer, ckpt: MmapCheckpoint, load: set[str], device: torch.device,
+                shape_only: frozenset[str] = frozenset()) -> MoETransformer:
+    """Turn the meta ``skeleton`` into a device model in place: tensors in ``load`` are copied from the
+    checkpoint, those in ``shape_only`` stay on ``meta`` (their shapes are read, their values never),
+    the others hold empty placeholders (to be bound to ring slot views)."""
+    placeholders: dict[torch.dtype, torch.Tensor] = {}
+    for name in expected_tensors(skeleton):
+        info = ckpt.info(name)
+        if name in shape_only:
+            continue
+        if name in load:
+            value = torch.empty(info.shape, dtype=info.dtype, device=device)
+            value.copy_(ckpt.tensor(name))
+        else:
+            value = placeholders.setdefault(info.dtype, torch.empty(0, dtype=info.dtype, device=device))
+        module_name, _, leaf = name.rpartition(".")
+        module = skeleton.get_submodule(module_name)
+        if leaf in module._parameters:
+            setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+        else:
+            module._buffers[leaf] = value
+    cfg = skeleton.cfg
+    skeleton.rope = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta).to(device)
+    return skeleton.eval()
+
+
+def ring_host_tier(layout: ModelLayout, ckpt: MmapCheckpoint, device: torch.device) -> HostTier:
+    """Host tier of the ring: per section, zero-copy mmap views (CPU) or one packed pinned buffer (CUDA)."""
+    host = []
+    for sec in layout.sections:
+        if device.type == "cuda":
+            buf = torch.empty(sec.nbytes, dtype=torch.uint8, pin_memory=True)
+            pack_section(sec, ckpt, buf)
+            host.append([(buf, 0, sec.nbytes)])
+        else:
+            host.append([(ckpt.raw(t.name), t.offset, t.nbytes) for t in sec.tensors])
+    return host
+
+
+def expert_host_tier(layout: ModelLayout, ckpt: MmapCheckpoint, device: torch.device) -> ExpertHost:
+    """Host tier of the experts mode: per ``(block, expert)``, slices of ``w1``/``w2``/``w3``."""
+    host: ExpertHost = {}
+    for sec in layout.sections:
+        if sec.kind != "moe":
+            continue
+        for wname, _, _, offset, nbytes in expert_slot_layout(sec)[0]:
+            raw = ckpt.raw(f"layers.{sec.index}.moe.experts.{wname}")
+            if device.type == "cuda":
+                raw = raw.clone().pin_memory()
+            for e in range(raw.numel() // nbytes):
+                host.setdefault((sec.index, e), []).append((raw[e * nbytes : (e + 1) * nbytes], offset, nbytes))
+    return host
+
+
+class OffloadEngine:
+    """A loaded model ready to generate, resident or offloaded.
+
+    Args:
+        checkpoint_dir: folder with ``model.safetensors`` and ``config.json``.
+        offload: ``"none"``, ``"ring"`` or ``"experts"``.
+        slots: K ring slots (ring mode; ``K >= N`` keeps every section in a slot after the first pass).
+        device: ``"cpu"`` or ``"cuda[:i]"`` (the device tier).
+        device_memory: budget of the device tier (``"4GiB"``, bytes, or ``None``: unchecked).
+        max_batch_size, max_seq_len: the largest batch and prompt + new tokens to plan for
+            (default ``model.max_seq_len``).
+        link_bandwidth: CPU link throttle in bytes/s (``"2GB"`` or a number; ``None``: unthrottled);
+            ignored by the CUDA ring, which measures the real pinned host-to-device link.
+        expert_cache: C expert slots (experts mode).
+        event_log: keep an :class:`EventLog` of loads and computes (:attr:`log`).
+        check_stamps: check ring slot generation stamps around each compute.
+        transport: a custom transport (tests); default: CUDA or thread transport by device.
+
+    Raises:
+        PlanError: the plan cannot run (checkpoint mismatch, K < 1, a section larger than a slot,
+            the budget too small); nothing has been allocated then.
+        FileNotFoundError: no model file or config in ``checkpoint_dir``.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, *, offload: str = "ring", slots: int = 2, device: str = "cpu",
+                 device_memory: str | int | None = None, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 link_bandwidth: str | float | None = None, expert_cache: int | None = None,
+                 event_log: bool = False, check_stamps: bool = True, transport=None):
+        self.job = load_job_config(checkpoint_dir)
+        cfg, moe = self.job.model, self.job.moe
+        self._tokenizer = None
+        if cfg.vocab_size == 0:
+            cfg.vocab_size = -(-self.tokenizer.vocab_size // 64) * 64
+        self.device = torch.device(device)
+        self.mode = offload
+        self.ckpt = MmapCheckpoint(checkpoint_dir)
+        skeleton = build_skeleton(cfg, moe)
+        check_checkpoint(expected_tensors(skeleton), self.ckpt)
+        self.layout = split_model(skeleton, self.ckpt)
+        elem = self.ckpt.info("tok_embeddings.weight").dtype.itemsize
+        seq = max_seq_len or cfg.max_seq_len
+        if seq > cfg.max_seq_len:
+            raise PlanError(f"max_seq_len {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        self.plan = make_plan(self.layout, cfg, moe, mode=offload, slots=slots, batch=max_batch_size, seq=seq,
+                              elem=elem, budget_bytes=parse_bytes(device_memory), expert_cache=expert_cache)
+        logger.info("offload plan: %s", self.plan.describe())
+        names = set(expected_tensors(skeleton))
+        if offload == "ring":
+            load = {n for n in names if section_index(n) is None}
+        elif offload == "experts":
+            load = {n for n in names if ".moe.experts." not in n}
+        else:
+            load = names
+        shape_only = frozenset(names - load) if offload == "experts" else frozenset()
+        self.model = materialize(skeleton, self.ckpt, load, self.device, shape_only)
+        self.log = EventLog() if event_log else None
+        self.link = Link(parse_bytes(link_bandwidth))
+        self.transport = self.scheduler = self.expert_cache = None
+        self.run_ffn = default_ffn
+        if offload == "ring":
+            self._start_ring(transport, check_stamps)
+        elif offload == "experts":
+            host = expert_host_tier(self.layout, self.ckpt, self.device)
+            self.expert_cache = ExpertCache(list(self.layout.sections), host, self.plan.slots, self.plan.slot_bytes,
+                                            self.device, self.link)
+            self.run_ffn = self.expert_cache.run_ffn
+
+    def _start_ring(self, transport, check_stamps: bool) -> None:
+        """Allocate the K slots, start the transport on the host tier, prime the ring."""
+        ring = SlotRing(self.model, self.layout.sections, self.plan.slots, self.plan.slot_bytes, self.device)
+        if transport is None:
+            cuda = self.device.type == "cuda"
+            transport = CudaTransport(self.device, self.log) if cuda else ThreadTransport(self.link, self.log)
+        elif getattr(transport, "log", None) is None:
+            transport.log = self.log
+        self.transport = transport
+        transport.start(ring, ring_host_tier(self.layout, self.ckpt, self.device))
+        self.scheduler = RingScheduler(ring, transport, log=self.log, check_stamps=check_stamps)
+        self.run_ffn = self.scheduler.ffn_runner(default_ffn)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer named by the saved ``data.tokenizer`` (built on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(self.job.data.tokenizer)
+        return self._tokenizer
+
+    @property
+    def bytes_streamed(self) -> int:
+        """Bytes moved (ring: issued) from the host tier into device slots since the engine started."""
+        if self.scheduler is not None:
+            return self.scheduler.bytes_issued
+        return self.expert_cache.bytes_moved if self.expert_cache is not None else 0
+
+    @property
+    def measured_bandwidth(self) -> float:
+        """Host-to-device bytes/s measured over this engine's copies (0 when nothing streamed)."""
+        if self.transport is not None:
+            return self.transport.measured_bandwidth
+        return self.link.measured_bandwidth
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, *, batch_size: int | None = None,
+                     eos_id: int | None = None) -> tuple[list[list[int]], GenerationStats]:
+        """Generate for token-id prompts in batches of ``batch_size`` (default: the planned batch).
+
+        Returns:
+            ``(new ids per prompt, stats summed over batches)``.
+
+        Raises:
+            PlanError: a batch or a prompt + ``max_new_tokens`` larger than planned.
+        """
+        batch_size = batch_size or self.plan.batch
+        if batch_size > self.plan.batch:
+            raise PlanError(f"batch size {batch_size} exceeds the planned {self.plan.batch}")
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > self.plan.seq:
+            raise PlanError(f"prompt + new tokens = {longest} exceeds the planned sequence length {self.plan.seq}")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        outputs: list[list[int]] = []
+        total = GenerationStats()
+        for lo in range(0, len(prompts), batch_size):
+            before = self.bytes_streamed
+            out, stats = generate_batch(self.model, prompts[lo : lo + batch_size], max_new_tokens, sampler,
+                                        run_ffn=self.run_ffn, eos_id=eos_id, sync=sync)
+            stats.bytes_streamed = self.bytes_streamed - before
+            outputs.extend(out)
+            total.add(stats)
+        return outputs, total
+
+    def close(self) -> None:
+        """Stop the transport and unmap the checkpoint."""
+        if self.transport is not None:
+            self.transport.close()
+        self.ckpt.close()
+
+    def __enter__(self) -> "OffloadEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class GenerationOutput:
+    """Texts and token ids generated for each prompt, with the run's statistics."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    stats: GenerationStats
+    plan: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def generate(checkpoint_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8, *,
+             offload: str = "none", slots: int = 2, device_memory: str | int | None = None, sampling: str = "greedy",
+             top_p: float = 0.9, temperature: float = 1.0, seed: int = 0, device: str = "cpu",
+             link_bandwidth: str | float | None = None, expert_cache: int | None = None,
+             stop_at_eos: bool = True) -> GenerationOutput:
+    """Generate text for ``prompts`` from a saved model (see :class:`OffloadEngine` for the modes).
+
+    Prompts are encoded with the saved tokenizer (an empty prompt becomes the EOS token), run in
+    batches of ``batch_size``, and decoded; the plan is sized for ``min(batch_size, len(prompts))``
+    sequences of the longest prompt + ``max_new_tokens``.
+
+    Raises:
+        PlanError: see :class:`OffloadEngine`.
+        ValueError: bad sampling parameters, or a sequence beyond the model's ``max_seq_len``.
+    """
+    probe = load_job_config(checkpoint_dir)
+    tok = build_tokenizer(probe.data.tokenizer)
+    ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+    batch = max(1, min(batch_size, len(ids)))
+    seq = max(len(i) for i in ids) + max_new_tokens
+    if seq > probe.model.max_seq_len:
+        raise ValueError(f"longest prompt + max_new_tokens = {seq} exceeds model.max_seq_len {probe.model.max_seq_len}")
+    with OffloadEngine(checkpoint_dir, offload=offload, slots=slots, device=device, device_memory=device_memory,
+                       max_batch_size=batch, max_seq_len=seq, link_bandwidth=link_bandwidth,
+                       expert_cache=expert_cache) as engine:
+        sampler = Sampler(SamplingConfig(sampling, top_p, temperature, seed), vocab_limit=tok.vocab_size,
+                          device=engine.device)
+        out, stats = engine.generate_ids(ids, max_new_tokens, sampler, batch_size=batch,
+                                         eos_id=tok.eos_id if stop_at_eos else None)
+        extra = {"measured_bandwidth": engine.measured_bandwidth}
+        if engine.expert_cache is not None:
+            extra.update(expert_hits=engine.expert_cache.hits, expert_misses=engine.expert_cache.misses)
+        return GenerationOutput([tok.decode(o) for o in out], out, stats, engine.plan.describe(), extra)
