@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 
+from system.checkpoint.checksum import crc32
 from system.checkpoint.errors import CheckpointError
 from system.checkpoint.metadata import DEFAULT_CRC_CHUNK_BYTES
 from system.checkpoint.reader import LoadResult, load
@@ -131,8 +131,8 @@ def verify(path: str | os.PathLike, *, storage_options: dict | None = None) -> l
                 f.seek(b.byte_offset)
                 for k, expected in enumerate(b.chunk_crcs(chunk)):
                     data = f.read(min(chunk, b.nbytes - k * chunk))
-                    whole = zlib.crc32(data, whole)
-                    if zlib.crc32(data) != expected:
+                    whole = crc32(data, whole)
+                    if crc32(data) != expected:
                         problems.append(
                             f"checksum mismatch in tensor {fqn}: file {storage.path(b.file)} chunk {k} of the box at "
                             f"offsets {list(b.offsets)}"

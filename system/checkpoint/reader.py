@@ -20,12 +20,12 @@ import concurrent.futures as cf
 import logging
 import os
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from system.checkpoint.checksum import crc32
 from system.checkpoint.comm import make_comm
 from system.checkpoint.errors import ChecksumError, CheckpointError, DataFileError, MissingTensorError, TensorMismatchError
 from system.checkpoint.metadata import CheckpointMetadata, dtype_name
@@ -117,7 +117,7 @@ def _run(op: ReadOp, reader: RangeReader, storage: Storage) -> int:
         if c.start in seen:
             continue
         seen.add(c.start)
-        got = zlib.crc32(mv[c.start - op.start : c.end - op.start])
+        got = crc32(mv[c.start - op.start : c.end - op.start])
         if got != c.crc:
             raise ChecksumError(
                 f"checksum mismatch in tensor {c.fqn}: file {storage.path(op.file)} bytes [{c.start}, {c.end}) "

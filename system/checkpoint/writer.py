@@ -24,11 +24,11 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections.abc import Callable, Mapping
 
 import torch
 
+from system.checkpoint.checksum import crc32
 from system.checkpoint.comm import Comm, make_comm
 from system.checkpoint.errors import CheckpointError
 from system.checkpoint.metadata import (
@@ -103,8 +103,8 @@ def _crcs(buf: memoryview, chunk: int) -> tuple[int, list[int]]:
     whole, parts = 0, []
     for k in range(0, len(buf), chunk):
         piece = buf[k : k + chunk]
-        parts.append(zlib.crc32(piece))
-        whole = zlib.crc32(piece, whole)
+        parts.append(crc32(piece))
+        whole = crc32(piece, whole)
     return whole, parts or [0]
 
 
