@@ -26,7 +26,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    name: str = "job"
+    name: str = field(default="job", metadata={"help": "Job name: the prefix of the default run directory runs/<name>-<time>."})
 
     def validate(self) -> None:
         """Validate every section; raises ``ValueError`` naming the offending key."""
