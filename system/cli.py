@@ -5,6 +5,11 @@
 torchrun command (``--standalone`` on one node, c10d rendezvous across nodes) and runs it (or prints
 it with ``--dry-run``). Every node of a multi-node job runs the same command.
 
+``moesys launch --config FILE [--ray-address ADDR|auto] [--num-nodes N|MIN:MAX] [--workers-per-node P]
+[--gpus-per-worker G] [--storage-path URL] [--max-failures F] [--dry-run] [--section.key value ...]`` runs
+the same job on a Ray cluster (Ray Train ``TorchTrainer``), restarting from the newest committed
+checkpoint when a worker or node dies (see :mod:`system.cluster.ray_launch`).
+
 ``moesys generate --checkpoint DIR --prompt TEXT [--prompts-file FILE] [--max-new-tokens N]
 [--batch-size B] [--offload none|ring|experts] [--slots K] [--expert-cache C] [--device-memory 4GiB]
 [--link-bandwidth 2GB] [--sampling greedy|top-p --top-p P --temperature T --seed S] [--device cpu|cuda]``
@@ -71,6 +76,69 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_command(argv, env)
 
 
+def _launch_parser(sub) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="train on a Ray cluster (TorchTrainer), restarting from checkpoints after failures",
+        description="Train on a Ray cluster with Ray Train's TorchTrainer; workers that die (or nodes that "
+                    "go) restart the job from its newest committed checkpoint. Unknown --section.key value "
+                    "arguments override the TOML config.",
+    )
+    p.add_argument("--config", required=True, help="TOML job file, e.g. configs/cpu-tiny.toml")
+    p.add_argument("--ray-address", default=None,
+                   help="HOST:PORT of the cluster's head, or auto; omitted: start a local Ray instance on 127.0.0.1")
+    p.add_argument("--num-nodes", default="1", help="nodes: N, or MIN:MAX for an elastic run")
+    p.add_argument("--workers-per-node", type=int, default=None,
+                   help="workers (ranks) per node (default: the config's world size on one node)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU workers, Gloo)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    p.add_argument("--storage-path", default="",
+                   help="shared storage (path or URL) for checkpoints and the run; default runs/ray (one node only)")
+    p.add_argument("--name", default="", help="run name under the storage path; reuse it to continue a run")
+    p.add_argument("--max-failures", type=int, default=3, help="restarts after worker or node failures (-1: unlimited)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan, start nothing")
+
+
+def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Validate, then run the job on Ray (or print the plan); return the exit code (1: the run failed)."""
+    from system.cluster.ray_launch import RayLaunchSpec, launch, plan_launch  # Ray only when launching
+    from system.train.log import init_logging
+
+    init_logging(0)
+    workers = args.workers_per_node
+    if workers is None:
+        try:
+            cfg = load_config(args.config, overrides)
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        workers = cfg.parallel.ep if cfg.parallel.dp == -1 else cfg.parallel.dp * cfg.parallel.ep
+    spec = RayLaunchSpec(
+        config=args.config, overrides=overrides, ray_address=args.ray_address, num_nodes=args.num_nodes,
+        workers_per_node=workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
+    )
+    try:
+        plan = plan_launch(spec, check_storage=not args.dry_run)
+        print(plan.describe(), flush=True)
+        if args.dry_run:
+            return 0
+        result = launch(plan)
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:  # ConfigError: a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"== ray run {result.experiment}: {len(result.attempts)} attempt(s), {result.restarts} restart(s) ==")
+    for a in result.attempts:
+        print(f"attempt {a['attempt']}: {a['world_size']} workers (dp {a['dp']} x ep {a['ep']}), "
+              f"from step {a['start_step']}" + (f" ({a['resumed_from']})" if a.get("resumed_from") else ""))
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    print(f"steps {result.summary.get('steps')}, val loss {result.summary.get('val_bpb', float('nan')):.3f} bits/byte; "
+          f"checkpoint {result.checkpoint}; metrics {result.run_dir}")
+    return 0
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -133,11 +201,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_number(text: str) -> bool:
+    """True for a numeric override value such as ``-1`` or ``-1e-3`` (not an option)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moesys`` argument parser (subcommands)."""
     parser = argparse.ArgumentParser(prog="moesys", description="moe-system: train and serve MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _launch_parser(sub)
     _generate_parser(sub)
     ckpt_cli.add_parser(sub)
     return parser
@@ -152,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         return cmd_generate(args)
-    bad = [a for a in extra if a.startswith("-") and not (a.startswith("--") and "." in a.split("=")[0])]
+    bad = [a for a in extra if a.startswith("-") and not (a.startswith("--") and "." in a.split("=")[0])
+           and not _is_number(a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key value)")
     if args.command == "train":
         return cmd_train(args, extra)
+    if args.command == "launch":
+        return cmd_launch(args, extra)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.command == "ckpt":

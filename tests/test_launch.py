@@ -232,3 +232,12 @@ def test_torchrun_sh_validation(env: dict[str, str], match: str) -> None:
     result = _run_sh(["c.toml"], DRY_RUN="1", **env)
     assert result.returncode != 0
     assert match in result.stderr
+
+
+def test_cli_accepts_negative_override_values(capsys) -> None:
+    from system.cli import main
+
+    assert main(["train", "--config", str(REPO / "configs/cpu-tiny.toml"), "--parallel.dp", "-1", "--dry-run"]) == 0
+    assert "--parallel.dp -1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(REPO / "configs/cpu-tiny.toml"), "-x", "--dry-run"])

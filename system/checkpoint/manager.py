@@ -20,7 +20,7 @@ import torch.nn as nn
 from system.checkpoint.reader import load
 from system.checkpoint.rng import capture_rng, restore_rng
 from system.checkpoint.errors import CheckpointError
-from system.checkpoint.storage import commit_latest, prune, read_latest, resolve_checkpoint, step_dir_name
+from system.checkpoint.storage import prune, read_latest, resolve_checkpoint, step_dir_name
 from system.checkpoint.writer import AsyncCheckpointer
 from system.checkpoint.train_state import load_optimizer_extra, optimizer_extra, sharded_train_state
 
@@ -79,20 +79,22 @@ class CheckpointManager:
         }
         path = f"{self.root.rstrip('/')}/{step_dir_name(step)}"
         state = sharded_train_state(self.model, self.optimizer)
-        handle = self.checkpointer.save(state, path, extra=extra, rank_extra={"rng": capture_rng()}, layout=self.layout)
+        # ``latest`` moves in the background the moment the checkpoint commits (not at the next save), so
+        # a crash between two saves resumes from the newest committed step.
+        handle = self.checkpointer.save(state, path, extra=extra, rank_extra={"rng": capture_rng()},
+                                        layout=self.layout, update_latest=True)
         self._pending = (handle, step)
         if not self.async_save:
             self.wait()
 
     def wait(self) -> None:
-        """Wait for the pending save to be committed, then move ``latest`` and prune (rank 0)."""
+        """Wait for the pending save to be committed (``latest`` already moved at commit), then prune (rank 0)."""
         if self._pending is None:
             return
         handle, step = self._pending
         self._pending = None
         path = handle.wait()
         if self.rank == 0:
-            commit_latest(self.root, step_dir_name(step))
             removed = prune(self.root, self.keep_last) if self.keep_last else []
             logger.info("checkpoint: step %d committed at %s%s", step, path,
                         f" (pruned {len(removed)})" if removed else "")

@@ -46,12 +46,19 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: flo
     """Initialise the default process group from torchrun's environment (idempotent).
 
     A single process without ``RANK``/``WORLD_SIZE`` set gets a one-rank group on a free local port,
-    so the same code path runs under plain ``python``.
+    so the same code path runs under plain ``python``. A default group that already exists (one a
+    launcher made, e.g. Ray Train's ``TorchTrainer``, which sets ``MASTER_ADDR``/``RANK``/``WORLD_SIZE``
+    and picks ``gloo`` for CPU workers, ``nccl`` for GPU ones) is used as it is, after checking that
+    its backend can carry ``device``'s tensors (see :func:`check_existing_group`).
 
     Returns:
         ``(rank, world_size)``.
+
+    Raises:
+        ValueError: an existing group whose backend does not fit ``device`` or ``backend``.
     """
     if dist.is_initialized():
+        check_existing_group(device, backend)
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -63,6 +70,29 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: flo
     dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     logger.info("process group: backend=%s world_size=%d", name, dist.get_world_size())
     return dist.get_rank(), dist.get_world_size()
+
+
+def check_existing_group(device: torch.device, backend: str = "auto") -> None:
+    """Check that the already-initialised default process group suits ``device`` and ``backend``.
+
+    ``backend="auto"`` expects ``nccl`` for CUDA devices and ``gloo`` for CPU (:func:`pick_backend`);
+    an explicit ``nccl`` or ``gloo`` must be the group's backend. A group of several backends (such as
+    ``cpu:gloo,cuda:nccl``) passes when it has the one expected for the device.
+
+    Raises:
+        ValueError: naming the group's backend, the device and the expected backend.
+    """
+    expected = pick_backend(device, backend)
+    actual = str(dist.get_backend()).lower()
+    parts = {p.split(":")[-1] for p in actual.split(",")}
+    if expected not in parts:
+        raise ValueError(
+            f"the default process group was already initialised with backend {actual!r} (by the launcher), "
+            f"but device {device} with parallel.backend={backend!r} needs {expected!r}; "
+            + ("give the workers GPUs (moesys launch --gpus-per-worker 1) or set --parallel.device cpu"
+               if expected == "nccl" else "set --parallel.backend to the launcher's backend")
+        )
+    logger.info("process group: using the existing group (backend=%s, world_size=%d)", actual, dist.get_world_size())
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,14 +68,20 @@ def resolve_vocab(cfg: JobConfig, tokenizer_vocab: int) -> None:
 class Trainer:
     """Builds everything for one rank from a :class:`JobConfig` and runs the loop.
 
+    Args:
+        cfg: the job.
+        device: this rank's compute device; ``None`` picks it from ``parallel.device`` and
+            ``LOCAL_RANK`` (:func:`~system.distributed.pick_device`). A launcher that assigns devices
+            itself (Ray Train: ``ray.train.torch.get_device()``) passes it here.
+
     Raises:
         ValueError: for degrees that do not match the world size, experts that do not divide by
             the EP degree, or data too short for one global batch.
     """
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, device: torch.device | None = None):
         self.cfg = cfg
-        self.device = pick_device(cfg.parallel.device)
+        self.device = device if device is not None else pick_device(cfg.parallel.device)
         self.rank, self.world = init_distributed(self.device, cfg.parallel.backend)
         if self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -242,8 +249,16 @@ class Trainer:
         return nats_per_token / LN2 * self.val_tokens_per_byte
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> dict:
-        """Train ``training.steps`` steps, evaluate, save, print the summary; return the summary dict."""
+    def run(self, on_step: Callable[[int, dict | None], None] | None = None) -> dict:
+        """Train ``training.steps`` steps, evaluate, save, print the summary; return the summary dict.
+
+        Args:
+            on_step: called on every rank after each optimizer step (after its checkpoint save and
+                metric record) with the step number and the record logged at that step (the same
+                keys on every rank, the same values but for timings; ``None`` at steps that log
+                nothing). Launchers use it to report progress (Ray Train's ``ray.train.report``);
+                it may call collectives, since all ranks call it at the same steps.
+        """
         tcfg = self.cfg.training
         tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * self.world
         bar = None
@@ -274,6 +289,10 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{tps:,.0f}")
                 t_window, steps_window = time.perf_counter(), 0
+            else:
+                record = None
+            if on_step is not None:
+                on_step(self.step, record)
         train_time = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
