@@ -4,6 +4,7 @@ leave metrics.jsonl, TensorBoard events, summary.json and a saved model in the r
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,15 @@ def test_checkpoint_resume_reshards_and_continues(tmp_path: Path) -> None:
     assert sorted(resumed) == list(range(5, 13))
     for step, loss in resumed.items():
         assert abs(loss - full[step]) <= 1e-5 * abs(full[step]), (step, loss, full[step])
+
+
+def test_train_mofme_uncertainty_router_logs_router_std(tmp_path: Path) -> None:
+    """``moesys train`` with feature-modulated experts and the uncertainty-aware router, EP=2:
+    trains, and the router's score spread over its stochastic passes reaches metrics.jsonl."""
+    summary, records = _train(
+        tmp_path, "--moe.expert_type", "fme", "--moe.router", "uncertainty", "--training.steps", "8",
+        "--training.eval_interval", "0",
+    )
+    assert summary["steps"] == 8 and summary["ep"] == 2
+    steps = [r for r in records if "loss" in r]
+    assert all(r["router_std"] > 0.0 and math.isfinite(r["router_std"]) for r in steps), steps

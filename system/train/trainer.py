@@ -51,6 +51,7 @@ class StepResult:
     drop_rate: float  # dropped / made assignments over all ranks
     seconds: float = 0.0  # this rank's wall time for the step
     expert_tokens: int = 0  # token copies this rank's experts computed, all MoE layers
+    router_std: float | None = None  # uncertainty router: mean std of the chosen scores over its passes
 
 
 def resolve_vocab(cfg: JobConfig, tokenizer_vocab: int) -> None:
@@ -190,7 +191,8 @@ class Trainer:
         if self.fssdp is not None:
             self.fssdp.begin_step()
         moe_layers = self.model.moe_layers()
-        ce_sum = aux_sum = z_sum = 0.0
+        ce_sum = aux_sum = z_sum = std_sum = 0.0
+        std_count = 0
         load = [torch.zeros(self.cfg.moe.num_experts, device=self.device) for _ in moe_layers]
         dropped = made = expert_tokens = 0
         for _ in range(tcfg.grad_accum):
@@ -209,6 +211,9 @@ class Trainer:
                 dropped += st.dropped
                 made += st.assignments
                 expert_tokens += st.expert_tokens
+                if st.router_std is not None:
+                    std_sum += st.router_std.item()
+                    std_count += 1
         sync_gradients(self.model, self.mesh)
         norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
         self.optimizer.step()
@@ -217,14 +222,14 @@ class Trainer:
             self.fssdp.end_step(self.optimizer)
         self.step += 1
         n_moe = max(len(moe_layers), 1)
-        loss, aux_mean, z_mean, dropped, made = self._mean_over_ranks(
+        loss, aux_mean, z_mean, dropped, made, router_std = self._mean_over_ranks(
             [ce_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum / n_moe, z_sum / tcfg.grad_accum / n_moe,
-             float(dropped), float(made)]
+             float(dropped), float(made), std_sum / max(std_count, 1)]
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepResult(loss, aux_mean, z_mean, float(norm), load, dropped / max(made, 1.0),
-                          time.perf_counter() - t0, expert_tokens)
+                          time.perf_counter() - t0, expert_tokens, router_std if std_count else None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -326,6 +331,8 @@ class Trainer:
             "expert_imbalance": sum(imbalance) / max(len(imbalance), 1),
             "drop_rate": r.drop_rate,
         }
+        if r.router_std is not None:
+            rec["router_std"] = r.router_std
         for i, value in enumerate(imbalance):
             rec[f"moe/imbalance/layer{i}"] = value
         per_rank = torch.tensor([r.seconds, float(r.expert_tokens)], dtype=torch.float64, device=self.device)
