@@ -49,6 +49,16 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+def _cuda_grouped_mm_aligned(*mats: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` on CUDA accepts ``mats`` as given: row-major, 16-byte aligned data
+    pointers and strides (e.g. a bf16 SwiGLU hidden size or FME rank not a multiple of 8 fails)."""
+    for m in mats:
+        size = m.element_size()
+        if m.stride(-1) != 1 or m.data_ptr() % 16 or any(s * size % 16 for s in m.stride()[:-1]):
+            return False
+    return True
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
     """Per-group matmul: rows of group g multiply ``w[g]``.
 
@@ -62,8 +72,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     Returns:
         ``[M, b]``.
     """
+    if use_grouped_mm and x.is_cuda and not _cuda_grouped_mm_aligned(x, w):
+        use_grouped_mm = False  # the CUDA kernel rejects these strides/pointers: use the exact loop
     if use_grouped_mm and x.shape[0] > 0:
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32).to(x.device)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
     chunks = x.split(counts.tolist(), dim=0)
     return torch.cat([c @ w[g] for g, c in enumerate(chunks)], dim=0)

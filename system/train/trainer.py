@@ -83,6 +83,8 @@ class Trainer:
     def __init__(self, cfg: JobConfig, device: torch.device | None = None):
         self.cfg = cfg
         self.device = device if device is not None else pick_device(cfg.parallel.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
         self.rank, self.world = init_distributed(self.device, cfg.parallel.backend)
         if self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
