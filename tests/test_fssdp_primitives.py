@@ -460,3 +460,21 @@ def test_heterogeneous_sharding_with_previous_moves_less():
     assert _moved(fresh, again) <= E // 4
     with pytest.raises(ValueError, match="previous ownership has 4 experts"):
         heterogeneous_sharding(load, W, previous=Ownership.uniform(4, W))
+
+
+def test_rematerialize_recompute_replays_autocast() -> None:
+    """Re-materialization recomputes experts in backward, outside the caller's autocast block: the
+    settings captured in forward must be re-entered, else a bf16 forward gets an fp32 recompute."""
+    from system.parallel.fssdp.layer import _autocast_as, _autocast_state
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = _autocast_state()
+        a = torch.randn(4, 8) @ torch.randn(8, 4)
+    assert not torch.is_autocast_enabled("cpu")
+    with _autocast_as(state):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        b = torch.randn(4, 8) @ torch.randn(8, 4)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with _autocast_as(_autocast_state()):
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32

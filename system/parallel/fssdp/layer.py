@@ -11,6 +11,8 @@ SparseReduceScatter sums the gradient copies back on the owners, which then upda
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -203,6 +205,22 @@ def _remote_rows(st: FSSDPLayerState) -> int:
     return int(st.placement[:, st.rank].sum()) - st.ownership.num_owned(st.rank)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
+    """The autocast settings in force (device type, enabled, dtype), to replay in a recompute."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+def _autocast_as(state: tuple[tuple[str, bool, torch.dtype], ...]) -> contextlib.ExitStack:
+    """Enter the autocast settings captured by :func:`_autocast_state` (as ``torch.utils.checkpoint`` does)."""
+    stack = contextlib.ExitStack()
+    for device_type, enabled, dtype in state:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+    return stack
+
+
 class _FSSDPExpertFn(torch.autograd.Function):
     """Experts computed on sparsely materialized weights; backward reduce-scatters to owners.
 
@@ -221,6 +239,7 @@ class _FSSDPExpertFn(torch.autograd.Function):
             with torch.no_grad():
                 y = module.compute(x, counts, rows)
             ctx.save_for_backward(x, counts)
+            ctx.autocast = _autocast_state()  # the recompute in backward runs outside the caller's autocast
             ctx.graph = None
             return y
         with torch.enable_grad():
@@ -236,7 +255,7 @@ class _FSSDPExpertFn(torch.autograd.Function):
         if ctx.graph is None:
             x, counts = ctx.saved_tensors
             rows = module.gather()
-            with torch.enable_grad():
+            with torch.enable_grad(), _autocast_as(ctx.autocast):
                 x_leaf = x.detach().requires_grad_()
                 rows_leaf = rows.requires_grad_()
                 y = module.compute(x_leaf, counts, rows_leaf)
