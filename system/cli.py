@@ -46,6 +46,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
 
 
+def _config_world_size(cfg) -> int:
+    """Ranks of the config's layout on one node: ``dp x ep`` (``ep`` when ``dp = -1``, derived)."""
+    return cfg.parallel.ep if cfg.parallel.dp == -1 else cfg.parallel.dp * cfg.parallel.ep
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """Validate the config, build the torchrun command, print or run it; return the exit code."""
     try:
@@ -53,12 +58,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    nproc = args.nproc_per_node
-    if nproc is None:
-        if cfg.parallel.dp == -1:
-            nproc = cfg.parallel.ep
-        else:
-            nproc = cfg.parallel.dp * cfg.parallel.ep
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else _config_world_size(cfg)
     spec = LaunchSpec(
         nproc_per_node=nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
@@ -112,7 +112,7 @@ def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
         except (ConfigError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        workers = cfg.parallel.ep if cfg.parallel.dp == -1 else cfg.parallel.dp * cfg.parallel.ep
+        workers = _config_world_size(cfg)
     spec = RayLaunchSpec(
         config=args.config, overrides=overrides, ray_address=args.ray_address, num_nodes=args.num_nodes,
         workers_per_node=workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,

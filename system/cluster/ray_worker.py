@@ -82,8 +82,8 @@ def newest_checkpoint(root: str) -> str | None:
     """URL of the newest committed ``step_*`` directory under ``root`` (path or fsspec URL), or ``None``.
 
     A directory is committed once its ``metadata.json`` exists (written last, atomically), so this is
-    never older than what ``root/latest`` names; it is newer when a worker died after an asynchronous
-    save committed but before ``latest`` was moved (the trainer moves it at the next save).
+    never older than what ``root/latest`` names; it is newer when a rank died between writing a
+    checkpoint's ``metadata.json`` and moving ``latest`` (both happen at commit, in the background).
     """
     found = list_checkpoints(root)
     return found[-1] if found else None

@@ -193,7 +193,10 @@ class Trainer:
         if self.fssdp is not None:
             self.fssdp.begin_step()
         moe_layers = self.model.moe_layers()
-        ce_sum = aux_sum = z_sum = std_sum = 0.0
+        ce_sum = 0.0
+        # aux loss, z loss, router std summed on the device (fp64, as Python floats would be): one host
+        # sync per step instead of three per MoE layer and micro-batch.
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         std_count = 0
         load = [torch.zeros(self.cfg.moe.num_experts, device=self.device) for _ in moe_layers]
         dropped = made = expert_tokens = 0
@@ -207,14 +210,14 @@ class Trainer:
             ce_sum += ce.item()
             for i, moe in enumerate(moe_layers):
                 st = moe.last_stats
-                aux_sum += st.aux_loss.item()
-                z_sum += st.z_loss.item()
+                sums[0] += st.aux_loss.detach().double()
+                sums[1] += st.z_loss.detach().double()
                 load[i] += st.tokens_per_expert
                 dropped += st.dropped
                 made += st.assignments
                 expert_tokens += st.expert_tokens
                 if st.router_std is not None:
-                    std_sum += st.router_std.item()
+                    sums[2] += st.router_std.double()
                     std_count += 1
         sync_gradients(self.model, self.mesh)
         norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
@@ -224,6 +227,7 @@ class Trainer:
             self.fssdp.end_step(self.optimizer)
         self.step += 1
         n_moe = max(len(moe_layers), 1)
+        aux_sum, z_sum, std_sum = sums.tolist()
         loss, aux_mean, z_mean, dropped, made, router_std = self._mean_over_ranks(
             [ce_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum / n_moe, z_sum / tcfg.grad_accum / n_moe,
              float(dropped), float(made), std_sum / max(std_count, 1)]
