@@ -32,9 +32,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
         torch.save({"ok": True, "result": result}, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:  # noqa: BLE001 - reported to the parent
         torch.save({"ok": False, "error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    from system.distributed.init import shutdown_distributed
+
+    shutdown_distributed()
 
 
 def run_workers(fn, world: int, *args, timeout: float = 300.0) -> list:

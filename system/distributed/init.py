@@ -95,6 +95,26 @@ def check_existing_group(device: torch.device, backend: str = "auto") -> None:
     logger.info("process group: using the existing group (backend=%s, world_size=%d)", actual, dist.get_world_size())
 
 
+def shutdown_distributed() -> None:
+    """End a job that finished cleanly on every rank: barrier, then destroy all process groups.
+
+    The barrier holds each rank until all ranks are done with their last collective, so no rank
+    tears down its Gloo/NCCL connections (and then the interpreter) while a peer, or one of its own
+    backend worker threads, is still finishing the previous operation; a rank that left early used to
+    abort at interpreter exit ("terminate called without an active exception") under CI load.
+    Call it only on the success path: after an exception the peers may be stuck in a collective and
+    the barrier would wait out the group's timeout (TorchTitan makes the same choice). A no-op when
+    no default group exists.
+    """
+    if not dist.is_initialized():
+        return
+    import gc
+
+    gc.collect()  # drop modules, meshes and work handles that still reference the groups
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 

@@ -9,8 +9,6 @@ import argparse
 import logging
 import sys
 
-import torch.distributed as dist
-
 from system.config.loader import ConfigError, load_config
 from system.train.log import init_logging
 
@@ -28,13 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from system.distributed.init import shutdown_distributed
     from system.train.trainer import Trainer
 
-    try:
-        Trainer(cfg).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    Trainer(cfg).run()  # on an exception torchrun tears the other ranks down; no collective teardown here
+    shutdown_distributed()
     return 0
 
 
