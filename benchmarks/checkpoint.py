@@ -667,8 +667,12 @@ def run_rank(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     try:
         _run(Setup(args, rank, world, args.run_root), pinned)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from system.distributed.init import shutdown_distributed
+
+    shutdown_distributed()
 
 
 def _run(s: Setup, pinned: int | None) -> None:

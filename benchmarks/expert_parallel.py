@@ -941,8 +941,12 @@ def run_rank(args: argparse.Namespace) -> None:
     s = Setup(args, rank, world, device, amp, max_grad_norm=model_configs(args)[2].max_grad_norm)
     try:
         _run(s)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from system.distributed.init import shutdown_distributed
+
+    shutdown_distributed()
 
 
 def _run(s: Setup) -> None:

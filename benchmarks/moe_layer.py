@@ -586,8 +586,12 @@ def run_rank(args: argparse.Namespace) -> None:
     s = Setup(args, rank, world, device, dtype)
     try:
         _run(s)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from system.distributed.init import shutdown_distributed
+
+    shutdown_distributed()
 
 
 def _pin_cpu(local_rank: int, args: argparse.Namespace) -> int | None:
