@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -212,15 +213,18 @@ def test_memory_fs_round_trip_and_latest():
 
 
 def test_async_second_save_waits_and_rng_helpers(tmp_path, monkeypatch):
-    monkeypatch.setitem(ckpt_writer._TEST_HOOKS, "after_data", lambda rank: time.sleep(0.5))
+    release = threading.Event()
+    monkeypatch.setitem(ckpt_writer._TEST_HOOKS, "after_data", lambda rank: release.wait(60))
     state = _small_state()
     with AsyncCheckpointer(no_dist=True) as ckpt:
-        t0 = time.perf_counter()
         h1 = ckpt.save(state, tmp_path / "one")
-        assert not h1.done() and time.perf_counter() - t0 < 0.4
-        h2 = ckpt.save(state, tmp_path / "two")
-        assert h1.done() and time.perf_counter() - t0 >= 0.5
+        assert not h1.done()  # the background write is held in the hook: save returned after the snapshot
+        timer = threading.Timer(0.3, release.set)
+        timer.start()
+        h2 = ckpt.save(state, tmp_path / "two")  # must wait for the first save (shared staging buffer)
+        assert release.is_set() and h1.done()
         h2.wait()
+        timer.join()
     rng = torch.get_rng_state()
     assert torch.equal(decode_rng_state(encode_rng_state(rng)), rng)
     json.dumps(capture_rng())
