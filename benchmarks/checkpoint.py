@@ -85,6 +85,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.common import (  # noqa: E402
     _proc_status_kib,
     current_rss_bytes,
+    fill_defaults,
     format_bytes,
     free_port,
     host_info,
@@ -148,9 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="suffix of the result files (default '' or '_smoke')")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    for key, value in (SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS)
     if args.tag is None:
         args.tag = "_smoke" if args.smoke else ""
     args.world_list = [int(x) for x in str(args.nproc).split(",") if x.strip()]
@@ -665,14 +664,10 @@ def run_rank(args: argparse.Namespace) -> None:
             os.sched_setaffinity(0, [cpus[rank]])
             pinned = cpus[rank]
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    try:
-        _run(Setup(args, rank, world, args.run_root), pinned)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
     from system.distributed.init import shutdown_distributed
 
-    shutdown_distributed()
+    _run(Setup(args, rank, world, args.run_root), pinned)
+    shutdown_distributed()  # success only: after an exception torchrun stops the peers
 
 
 def _run(s: Setup, pinned: int | None) -> None:

@@ -287,6 +287,17 @@ def write_text(path: str | Path, text: str) -> Path:
 # launch
 
 
+def fill_defaults(args: Any, defaults: dict[str, Any]) -> None:
+    """Set each ``args.<key>`` still ``None`` (not given on the command line) to ``defaults[key]``.
+
+    Benchmarks whose defaults depend on another option (``--smoke``, ``--device``) parse with
+    ``default=None`` and call this with the table that option selects.
+    """
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a single-host rendezvous)."""
     with socket.socket() as s:

@@ -86,6 +86,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.common import (  # noqa: E402
     Stopwatch,
     current_rss_bytes,
+    fill_defaults,
     format_bytes,
     free_port,
     host_info,
@@ -166,10 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true", help="do not pin CPU ranks to one core each")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    defaults = CUDA_DEFAULTS if args.device == "cuda" else (SMOKE_DEFAULTS if args.smoke else CPU_DEFAULTS)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, CUDA_DEFAULTS if args.device == "cuda" else (SMOKE_DEFAULTS if args.smoke else CPU_DEFAULTS))
     if args.nproc is None:
         args.nproc = max(torch.cuda.device_count(), 1) if args.device == "cuda" else 2
     if args.tag is None:
@@ -939,14 +937,10 @@ def run_rank(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
         amp = None
     s = Setup(args, rank, world, device, amp, max_grad_norm=model_configs(args)[2].max_grad_norm)
-    try:
-        _run(s)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
     from system.distributed.init import shutdown_distributed
 
-    shutdown_distributed()
+    _run(s)
+    shutdown_distributed()  # success only: after an exception torchrun stops the peers
 
 
 def _run(s: Setup) -> None:

@@ -73,6 +73,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.common import (  # noqa: E402
     Stopwatch,
     current_rss_bytes,
+    fill_defaults,
     format_bytes,
     free_port,
     host_info,
@@ -151,10 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="override the bf16 peak used for MFU (TFLOP/s per device)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    defaults = CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS)
     args.peer_list = [s.strip() for s in args.peers.split(",") if s.strip()]
     return args
 
@@ -584,14 +582,10 @@ def run_rank(args: argparse.Namespace) -> None:
         args.pinned_cpu = pinned
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     s = Setup(args, rank, world, device, dtype)
-    try:
-        _run(s)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
     from system.distributed.init import shutdown_distributed
 
-    shutdown_distributed()
+    _run(s)
+    shutdown_distributed()  # success only: after an exception torchrun stops the peers
 
 
 def _pin_cpu(local_rank: int, args: argparse.Namespace) -> int | None:

@@ -53,7 +53,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    Stopwatch, host_info, markdown_table, package_versions, setup_logging, summarize, write_json, write_text,
+    Stopwatch, fill_defaults, host_info, markdown_table, package_versions, setup_logging, summarize, write_json, write_text,
 )
 
 logger = logging.getLogger("benchmarks.mofme")
@@ -96,9 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="suffix of the result files (default '' or '_smoke')")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    for key, value in (SMOKE_DEFAULTS if args.smoke else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, SMOKE_DEFAULTS if args.smoke else CPU_DEFAULTS)
     if args.tag is None:
         args.tag = "_smoke" if args.smoke else ""
     args.expert_list = [int(e) for e in args.experts.split(",") if e.strip()]

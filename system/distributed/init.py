@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 
@@ -100,16 +101,15 @@ def shutdown_distributed() -> None:
 
     The barrier holds each rank until all ranks are done with their last collective, so no rank
     tears down its Gloo/NCCL connections (and then the interpreter) while a peer, or one of its own
-    backend worker threads, is still finishing the previous operation; a rank that left early used to
-    abort at interpreter exit ("terminate called without an active exception") under CI load.
+    backend worker threads, is still finishing the previous operation. Without it a rank that left
+    first was seen once in CI to abort at interpreter exit ("terminate called without an active
+    exception"), the symptom of the Gloo teardown race in pytorch/pytorch#179291.
     Call it only on the success path: after an exception the peers may be stuck in a collective and
     the barrier would wait out the group's timeout (TorchTitan makes the same choice). A no-op when
     no default group exists.
     """
     if not dist.is_initialized():
         return
-    import gc
-
     gc.collect()  # drop modules, meshes and work handles that still reference the groups
     dist.barrier()
     dist.destroy_process_group()
