@@ -6,8 +6,10 @@ the tensor (fqn) and the file concerned, so a failed resume says *what* is wrong
 
 from __future__ import annotations
 
+from system.errors import MoesysError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(MoesysError, RuntimeError):
     """Base class of every checkpoint failure."""
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from system.config.job import JobConfig
+from system.errors import MoesysError
 
 
-class ConfigError(ValueError):
+class ConfigError(MoesysError, ValueError):
     """A configuration key or value is wrong; the message names the key."""
 
 

@@ -22,13 +22,14 @@ from system.config.model import ModelConfig
 from system.config.moe import MoEConfig
 from system.inference.mmap_file import MmapCheckpoint
 from system.inference.sections import ModelLayout, align_up
+from system.errors import MoesysError
 
 MODES = ("none", "ring", "experts")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-class PlanError(ValueError):
+class PlanError(MoesysError, ValueError):
     """The offload plan cannot run: names the tensor or quantity and the numbers (bytes)."""
 
 
