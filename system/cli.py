@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from system.checkpoint import cli as ckpt_cli
-from system.cluster.torchrun import LaunchSpec, build_torchrun_command, format_command, run_command
+from system.cluster.torchrun import LaunchSpec, build_torchrun_command, format_command
 from system.config.loader import ConfigError, load_config
 
 logger = logging.getLogger("system.cli")
@@ -42,8 +43,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--nnodes", default="1", help="nodes: N, or MIN:MAX for an elastic job")
     p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="moesys", help="rendezvous id shared by all nodes of the job")
-    p.add_argument("--max-restarts", type=int, default=0, help="worker-group restarts after a failure")
-    p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="worker-group restarts after a failure (each resumes from the newest checkpoint)")
+    p.add_argument("--dry-run", action="store_true", help="run the launch checks, print the torchrun command and exit")
+    p.add_argument("--debug", action="store_true", help="tracebacks for expected errors too (config, data, checkpoint)")
 
 
 def _config_world_size(cfg) -> int:
@@ -51,29 +54,53 @@ def _config_world_size(cfg) -> int:
     return cfg.parallel.ep if cfg.parallel.dp == -1 else cfg.parallel.dp * cfg.parallel.ep
 
 
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Validate the config, build the torchrun command, print or run it; return the exit code."""
+    """Check the job (:func:`system.train.preflight.preflight`), then run torchrun's agent here.
+
+    Exit codes: 0 done; 2 a problem found before start (config, data, checkpoint, run folder) or an
+    expected error in a worker; 143 preempted (a checkpoint of the last step was committed); 1 a bug
+    in a worker; ``128 + N`` the launcher was stopped by signal ``N``.
+    """
+    from system.cluster.agent import run_agent
+    from system.cluster.torchrun import parse_nnodes
+    from system.errors import MoesysError
+    from system.train.preflight import default_run_dir, preflight
+
     try:
         cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else _config_world_size(cfg)
-    spec = LaunchSpec(
-        nproc_per_node=nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
-        rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
-    )
-    try:
-        argv, env = build_torchrun_command(spec, ["--config", args.config, *overrides])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        nproc = args.nproc_per_node if args.nproc_per_node is not None else _config_world_size(cfg)
+        spec = LaunchSpec(
+            nproc_per_node=nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
+        )
+        lo, hi = parse_nnodes(args.nnodes)
+        standalone = hi == 1 and not args.rdzv_endpoint
+        run_dir = default_run_dir(cfg)
+        job_args = ["--config", args.config, *overrides]
+        if not cfg.metrics.run_dir:  # pin it: every restart of the workers must find the same folder
+            job_args += ["--metrics.run_dir", run_dir]
+        argv, env = build_torchrun_command(spec, job_args)
+        how = f"--nproc-per-node {nproc} x --nnodes {args.nnodes}"
+        preflight(cfg, run_dir, world_sizes=[nproc * n for n in range(lo, hi + 1)], how=how,
+                  nproc_per_node=nproc, job_id=None if standalone else args.rdzv_id)
+    except (MoesysError, ValueError, FileNotFoundError) as e:
+        _error(str(e))
         return 2
     line = format_command(argv, env)
     if args.dry_run:
         print(line)
         return 0
     print(f"+ {line}", file=sys.stderr, flush=True)
-    return run_command(argv, env)
+    result = run_agent(argv, env, debug=args.debug)
+    if result.exit_code:
+        failed = len(result.failures)
+        where = f" (rank {result.failures[0].rank}; {failed} rank(s) failed)" if failed else ""
+        _error(f"{result.message}{where}")
+    return result.exit_code
 
 
 def _launch_parser(sub) -> None:
@@ -148,38 +175,66 @@ def _generate_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="folder with model.safetensors and config.json")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="throughput mode: one prompt per non-empty line")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (>= 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (>= 1)")
     p.add_argument("--offload", choices=("none", "ring", "experts"), default="none",
                    help="none: all weights on the device; ring: FFN sections streamed through K slots; "
                         "experts: only the routed experts streamed through an LRU of C expert slots")
-    p.add_argument("--slots", type=int, default=2, help="K, ring slots (1: no prefetch)")
-    p.add_argument("--expert-cache", type=int, default=None, help="C, expert slots of --offload experts")
+    p.add_argument("--slots", type=int, default=2, help="K, ring slots (>= 1; 1: no prefetch)")
+    p.add_argument("--expert-cache", type=int, default=None,
+                   help="C, expert slots of --offload experts (>= 1; above the model's routed experts: clamped)")
     p.add_argument("--device-memory", default=None, help="device-memory budget, e.g. 4GiB (checked before running)")
     p.add_argument("--link-bandwidth", default=None, help="CPU link throttle in bytes/s, e.g. 2GB (stands in for PCIe)")
     p.add_argument("--sampling", choices=("greedy", "top-p"), default="greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass, in (0, 1]")
+    p.add_argument("--temperature", type=float, default=1.0, help="logits divisor, > 0")
     p.add_argument("--seed", type=int, default=0, help="seed of the top-p sampler")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (N below the visible GPU count)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Run :func:`system.inference.generate` and print the texts and tokens/s; return the exit code."""
-    from system.inference.engine import generate  # imported here: the train path does not need it
+def _read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 prompts file.
 
+    Raises:
+        DataError: the file cannot be read, is not UTF-8 text, or holds no prompt (each names the file).
+    """
+    from system.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompts file {path!r} is not UTF-8 text (an invalid byte {e.object[e.start]:#04x}); "
+                        f"give one prompt per line") from None
+    except OSError as e:
+        raise DataError(f"prompts file {path!r} cannot be read: {e.strerror or e}") from None
+    if not prompts:
+        raise DataError(f"prompts file {path!r} has no prompts: it is empty or holds only blank lines")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run :func:`system.inference.generate` and print the texts and tokens/s; return the exit code.
+
+    Every argument is checked (:func:`system.inference.engine.check_request`) before a file is read.
+
+    Raises:
+        MoesysError: a bad argument, prompts file, model folder or plan (``main`` prints it, exit 2).
+    """
+    from system.inference.engine import check_request, generate  # imported here: the train path does not need it
+    from system.inference.plan import PlanError
+
+    check_request(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, offload=args.offload,
+                  slots=args.slots, expert_cache=args.expert_cache, sampling=args.sampling, top_p=args.top_p,
+                  temperature=args.temperature, device=args.device)
+    if args.offload == "experts" and args.expert_cache is None:
+        raise PlanError("--offload experts needs --expert-cache C (expert slots, >= 1)")
     prompts = list(args.prompt)
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        prompts += _read_prompts(args.prompts_file)
     if not prompts:
-        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
-        return 2
+        raise PlanError("give --prompt TEXT or --prompts-file FILE")
     try:
         result = generate(
             args.checkpoint, prompts, args.max_new_tokens, args.batch_size, offload=args.offload, slots=args.slots,
@@ -187,8 +242,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature, seed=args.seed, device=args.device, link_bandwidth=args.link_bandwidth,
             expert_cache=args.expert_cache, stop_at_eos=not args.ignore_eos,
         )
-    except (ValueError, FileNotFoundError, KeyError) as e:  # PlanError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # a model file that cannot be opened or mapped (permissions, I/O): named by the OS
+        print(f"error: cannot read the model in {args.checkpoint}: {e}", file=sys.stderr)
         return 2
     for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
         print(f"--- prompt {i + 1} ---")
@@ -222,10 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``moesys`` console script."""
+    """Entry point of the ``moesys`` console script; returns the exit code.
+
+    An expected error (:class:`system.errors.MoesysError`) escaping a sub-command is printed as one line,
+    ``error: <message>``, without a traceback: exit code 1 for ``moesys ckpt``, 2 otherwise. A reader of
+    stdout that goes away early (``moesys ckpt inspect PATH | head``) ends the command quietly with 141
+    (128 + SIGPIPE, as a shell reports it).
+    """
+    from system.errors import MoesysError
+
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    try:
+        code = _dispatch(parser, args, extra)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except MoesysError as e:
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1 if args.command == "ckpt" else 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> int:
+    """Run the sub-command ``args.command``; returns its exit code."""
     if args.command == "generate":
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
@@ -244,6 +322,19 @@ def main(argv: list[str] | None = None) -> int:
         return ckpt_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _silence_stdout() -> None:
+    """Point the process's stdout at ``/dev/null`` after its reader went away, so that the interpreter's
+    final flush of what is still buffered does not fail again (the recipe of the Python docs, "Note on
+    SIGPIPE"). Only the real stdout is redirected; a replaced ``sys.stdout`` (tests) is left alone."""
+    try:
+        if sys.stdout is not None and sys.stdout is sys.__stdout__:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class CheckpointManager:
         self.extra_fn = extra_fn or (lambda: {})
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.checkpointer = AsyncCheckpointer()
+        self.checkpointer.connect()  # collective; a later save then needs no rendezvous store
         self._pending: tuple[Any, int] | None = None
 
     # ------------------------------------------------------------------ save
@@ -108,16 +109,22 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def resolve(self, resume: str) -> str | None:
-        """The checkpoint folder for ``resume`` (``latest`` under the root, or a path).
+        """The checkpoint folder for ``resume`` (``latest`` under the root, or a path); see :meth:`resolve_in`."""
+        return self.resolve_in(self.root, resume)
+
+    @staticmethod
+    def resolve_in(root: str, resume: str) -> str | None:
+        """The committed checkpoint folder for ``resume``: ``latest`` under ``root``, or a path.
 
         Returns ``None`` for ``latest`` when no checkpoint was committed yet (a fresh start).
 
         Raises:
-            CheckpointError: an explicit path that is missing or not committed.
+            CheckpointError: an explicit path that is missing or not committed; a ``latest`` naming a
+                folder that is not committed.
         """
         if resume == "latest":
-            name = read_latest(self.root)
-            return None if name is None else f"{self.root.rstrip('/')}/{name}"
+            name = read_latest(root)
+            return None if name is None else resolve_checkpoint(f"{root.rstrip('/')}/{name}")
         return resolve_checkpoint(resume)
 
     def load(self, resume: str) -> Resumed | None:

@@ -199,8 +199,7 @@ class AsyncCheckpointer:
         """
         self._wait_previous()
         t0 = time.perf_counter()
-        if self._comm is None:
-            self._comm = make_comm(self._group, no_dist=self._no_dist, dedicated=not self._shared)
+        self.connect()
         comm = self._comm
         local_error = None
         try:  # a bad state on one rank must fail every rank, not leave the others in a collective
@@ -218,6 +217,16 @@ class AsyncCheckpointer:
                                 extra or {}, rank_extra, layout or {}, update_latest)
         self._pending = SaveHandle(job, storage.url)
         return self._pending
+
+    def connect(self) -> None:
+        """Create the checkpoint's Gloo group now instead of at the first save (collective: every rank).
+
+        Making a group goes through the rendezvous store, which lives in the launcher's agent; a
+        save that follows the launcher's death (the SIGTERM its workers get then) finds no store. With
+        the group made up front, a save needs only the group's own connections.
+        """
+        if self._comm is None:
+            self._comm = make_comm(self._group, no_dist=self._no_dist, dedicated=not self._shared)
 
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; returns its URL."""

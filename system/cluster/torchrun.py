@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from types import FrameType
 
+from system.train.lifecycle import SHUTDOWN_GRACE_S
+
 # Set for elastic ranges and restarts: with the rendezvous TCP store shared with the workers,
 # a node joining (or rejoining) a running job deadlocks (pytorch/pytorch#135712).
 DISABLE_SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -33,6 +35,8 @@ class LaunchSpec:
         rdzv_endpoint: ``HOST:PORT`` of the c10d rendezvous; required across nodes.
         rdzv_id: job id shared by all agents of the same job.
         max_restarts: how many times torchrun restarts the worker group after a failure.
+        shutdown_timeout: seconds torchrun waits after SIGTERM to the workers before SIGKILL: their
+            time to commit a checkpoint of the current step (:mod:`system.train.lifecycle`).
         module: the Python module the workers run (``python -m <module>``).
         python: the interpreter that runs torchrun.
     """
@@ -42,6 +46,7 @@ class LaunchSpec:
     rdzv_endpoint: str = ""
     rdzv_id: str = "moesys"
     max_restarts: int = 0
+    shutdown_timeout: int = SHUTDOWN_GRACE_S
     module: str = "system.train.main"
     python: str = field(default_factory=lambda: sys.executable)
 
@@ -83,7 +88,8 @@ def build_torchrun_command(spec: LaunchSpec, job_args: list[str]) -> tuple[list[
     On one node (``nnodes`` of exactly one node and no ``rdzv_endpoint``) the command is
     ``--standalone --nnodes 1 --nproc-per-node P`` (plus ``--max-restarts R`` when R > 0);
     otherwise ``--nnodes N|MIN:MAX --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint
-    HOST:PORT --rdzv-id ID --max-restarts R``. Then ``-m <module>`` and ``job_args`` verbatim.
+    HOST:PORT --rdzv-id ID --max-restarts R``; then ``--shutdown-timeout S`` (when S > 0), ``-m <module>``
+    and ``job_args`` verbatim.
 
     Args:
         spec: the launch options.
@@ -132,6 +138,8 @@ def build_torchrun_command(spec: LaunchSpec, job_args: list[str]) -> tuple[list[
             "--rdzv-id", spec.rdzv_id,
             "--max-restarts", str(spec.max_restarts),
         ]  # fmt: skip
+    if spec.shutdown_timeout:
+        argv += ["--shutdown-timeout", str(spec.shutdown_timeout)]
     argv += ["-m", spec.module, *job_args]
     return argv, env
 

@@ -1,6 +1,7 @@
 """Job configuration: nested dataclasses, TOML files and ``--section.key value`` overrides."""
 
 from system.config.checkpoint import CheckpointConfig
+from system.config.comm import CommConfig
 from system.config.data import DataConfig
 from system.config.fssdp import FSSDPConfig
 from system.config.job import JobConfig
@@ -19,6 +20,7 @@ from system.config.training import TrainingConfig
 
 __all__ = [
     "CheckpointConfig",
+    "CommConfig",
     "ConfigError",
     "DataConfig",
     "FSSDPConfig",

@@ -22,6 +22,12 @@ class CheckpointConfig:
     save_final: bool = field(
         default=True, metadata={"help": "At the end: a training checkpoint (when interval > 0) and the exported model."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Start a fresh run (no checkpoint.resume) in a run folder that holds an earlier run: "
+                  "its checkpoints (step_* and latest under checkpoint.dir), metrics.jsonl, tb/, summary.json "
+                  "and exported model are deleted first. Without it such a start is refused."},
+    )
     folder: str = field(default="model", metadata={"help": "Folder under the run directory for the exported model (safetensors)."})
 
     def validate(self) -> None:

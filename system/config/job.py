@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from system.config.checkpoint import CheckpointConfig
+from system.config.comm import CommConfig
 from system.config.data import DataConfig
 from system.config.fssdp import FSSDPConfig
 from system.config.metrics import MetricsConfig
@@ -26,16 +27,23 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     name: str = field(default="job", metadata={"help": "Job name: the prefix of the default run directory runs/<name>-<time>."})
 
     def validate(self) -> None:
         """Validate every section; raises ``ValueError`` naming the offending key."""
-        for section in (self.model, self.moe, self.parallel, self.fssdp, self.data, self.training, self.checkpoint):
+        for section in (self.model, self.moe, self.parallel, self.fssdp, self.data, self.training, self.checkpoint,
+                        self.comm):
             section.validate()
         if self.parallel.expert_mode == "ep" and self.moe.num_experts % self.parallel.ep:
             raise ValueError(
                 f"moe.num_experts={self.moe.num_experts} does not divide by the expert-parallel degree "
                 f"parallel.ep={self.parallel.ep}"
+            )
+        if self.parallel.expert_mode == "fssdp" and self.parallel.ep != 1:
+            raise ValueError(
+                f"parallel.expert_mode='fssdp' shards every expert over all ranks and needs parallel.ep=1, "
+                f"got parallel.ep={self.parallel.ep}; use expert_mode='ep' for expert parallelism"
             )
         if self.training.seq_len > self.model.max_seq_len:
             raise ValueError(

@@ -115,6 +115,10 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """The config path does not exist or is not a file (a ``ConfigError`` and a ``FileNotFoundError``)."""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Build a validated :class:`JobConfig` from defaults, a TOML file and CLI overrides.
 
@@ -123,19 +127,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: ``--section.key value`` strings, applied last.
 
     Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        ConfigError: for unknown keys, bad values, or failed validation.
+        ConfigFileNotFoundError: ``path`` does not exist or is a directory (a ``ConfigError`` and a
+            ``FileNotFoundError``).
+        ConfigError: ``path`` is not a readable UTF-8 TOML file (a directory, binary, bad TOML); unknown
+            keys, bad values, or failed validation.
     """
     cfg = JobConfig()
     if path is not None:
         p = Path(path)
+        if not p.exists():
+            raise ConfigFileNotFoundError(f"config file not found: {p} does not exist")
         if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        with p.open("rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{p}: invalid TOML: {e}") from None
+            kind = "a directory" if p.is_dir() else "not a regular file"
+            raise ConfigFileNotFoundError(f"config {p} is {kind}, not a TOML file (e.g. configs/cpu-tiny.toml)")
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"config {p} cannot be read: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {p} is not a UTF-8 TOML file (byte {e.start} is {raw[e.start]:#04x})") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
         cfg.name = p.stem
         apply_dict(cfg, data, source=str(p))
     if overrides:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from system.config.loader import ConfigError
+
 
 @dataclass
 class ParallelDims:
@@ -37,13 +39,13 @@ class ParallelDims:
         """Build and validate; ``dp = -1`` means ``world_size // ep``.
 
         Raises:
-            ValueError: when the degrees do not multiply to the world size (naming every degree).
+            ConfigError: (a ``ValueError``) when the degrees do not multiply to the world size (naming every degree).
         """
         if ep < 1:
-            raise ValueError(f"parallel.ep must be >= 1, got {ep}")
+            raise ConfigError(f"parallel.ep must be >= 1, got {ep}")
         if dp == -1:
             if world_size % ep:
-                raise ValueError(
+                raise ConfigError(
                     f"world size {world_size} does not divide by parallel.ep={ep} (dp would be {world_size / ep:g})"
                 )
             dp = world_size // ep
@@ -54,9 +56,9 @@ class ParallelDims:
     def validate(self) -> None:
         """Raise ``ValueError`` naming every degree when ``dp * ep != world_size``."""
         if self.dp < 1 or self.ep < 1:
-            raise ValueError(f"degrees must be >= 1: dp={self.dp}, ep={self.ep}")
+            raise ConfigError(f"degrees must be >= 1: dp={self.dp}, ep={self.ep}")
         if self.dp * self.ep != self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel degrees dp={self.dp} x ep={self.ep} = {self.dp * self.ep} "
                 f"do not match the world size {self.world_size}"
             )
@@ -64,7 +66,7 @@ class ParallelDims:
     def check_experts(self, num_experts: int) -> None:
         """Raise ``ValueError`` when ``num_experts`` does not divide by the EP degree."""
         if num_experts % self.ep:
-            raise ValueError(
+            raise ConfigError(
                 f"moe.num_experts={num_experts} does not divide by the expert-parallel degree parallel.ep={self.ep}"
             )
 

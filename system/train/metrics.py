@@ -1,5 +1,12 @@
 """Run records: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard, rank 0 only.
 
+``metrics.jsonl`` is append-only, so a crash never damages what was logged. A job that resumes (or
+restarts) in a run folder appends a marker row ``{"step": S, "event": "resume", ...}`` first: rows
+logged before it for steps above ``S`` belong to work that was lost and recomputed.
+:func:`read_metrics` applies that rule and merges the rows of each step (the loss record and the
+validation record of one step are two rows); read the file through it. TensorBoard hides the lost
+steps itself (``purge_step``).
+
 Also the FLOP accounting behind MFU (model FLOPs utilisation, PaLM appendix B): 6 FLOPs per active
 parameter per token for forward+backward, plus attention's ``12 * L * d * S`` per token.
 """
@@ -9,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +51,14 @@ class MetricsLogger:
         run_dir: the run directory; ``metrics.jsonl`` and ``tb/`` are created under it.
         rank: this process's rank.
         tensorboard: also write TensorBoard event files.
+        resume_step: the step a resumed (or restarted) job starts from: writes the resume marker row
+            and has TensorBoard purge the events of later steps. None for a fresh run.
+        resume_from: where the resumed state came from (a checkpoint path; empty for a restart from
+            step 0), recorded in the marker.
     """
 
-    def __init__(self, run_dir: str | Path, rank: int, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, rank: int, tensorboard: bool = True, resume_step: int | None = None,
+                 resume_from: str = ""):
         self.enabled = rank == 0
         self.run_dir = Path(run_dir)
         self._jsonl = None
@@ -53,11 +66,17 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        continuing = resume_step is not None and path.is_file() and path.stat().st_size > 0
+        self._jsonl = open(path, "a", buffering=1)
+        if continuing:
+            self._jsonl.write(json.dumps({"step": resume_step, "event": "resume", "from": resume_from,
+                                         "unix_s": round(time.time(), 3)}) + "\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
 
     def log(
         self,
@@ -108,3 +127,32 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, one per step, oldest first, as the run finally computed them.
+
+    Rows of one step are merged (later keys win). A resume marker ``{"step": S, "event": "resume"}``
+    drops every earlier row of a step above ``S`` (work lost in a crash and done again after the
+    resume). Marker rows themselves are not returned.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a line is not a JSON object with an integer ``step`` (names the line).
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: line {lineno} is not a metrics record: {e}") from None
+            if row.get("event") == "resume":
+                for s in [s for s in by_step if s > step]:
+                    del by_step[s]
+                continue
+            by_step.setdefault(step, {}).update(row)
+    return [by_step[s] for s in sorted(by_step)]

@@ -9,6 +9,7 @@ replicas), clipping to the global norm, AdamW, LR schedule.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -24,16 +25,21 @@ import torch.nn.functional as F
 
 from system.checkpoint.manager import CheckpointManager
 from system.checkpoint.model_io import save_model
+from system.checkpoint.storage import read_latest, step_dir_name
 from system.config.job import JobConfig
-from system.config.loader import config_to_dict
+from system.config.loader import ConfigError, config_to_dict
 from system.data import PackedLoader, build_tokenizer, byte_unigram_entropy, load_corpus, tokenize_docs
 from system.distributed import ParallelDims, init_distributed, pick_device
 from system.inference.generate import greedy_generate
 from system.models.model import MoETransformer
 from system.models.parallelize import parallelize_model
 from system.parallel.grads import clip_grad_norm_, sync_gradients
+from system.errors import DataError, RunFolderError
+from system.train.lifecycle import Preempted, preempt_requested
 from system.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from system.train.optim import build_lr_scheduler, build_optimizer
+from system.train.preflight import check_resume_model, checkpoint_root, default_run_dir
+from system.train.run_folder import RunLock, clear_earlier_run, earlier_run
 
 logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -54,16 +60,20 @@ class StepResult:
     router_std: float | None = None  # uncertainty router: mean std of the chosen scores over its passes
 
 
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def resolve_vocab(cfg: JobConfig, tokenizer_vocab: int) -> None:
     """Set ``model.vocab_size`` from the tokenizer when it is 0 (rounded up to a multiple of 64).
 
     Raises:
-        ValueError: a configured vocabulary smaller than the tokenizer's.
+        ConfigError: a configured vocabulary smaller than the tokenizer's.
     """
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = -(-tokenizer_vocab // 64) * 64
     elif cfg.model.vocab_size < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
 
 
 class Trainer:
@@ -74,18 +84,42 @@ class Trainer:
         device: this rank's compute device; ``None`` picks it from ``parallel.device`` and
             ``LOCAL_RANK`` (:func:`~system.distributed.pick_device`). A launcher that assigns devices
             itself (Ray Train: ``ray.train.torch.get_device()``) passes it here.
+        job_id: this job's id, recorded in the run folder's lock (a lock with the same id is this
+            job's own, left by an earlier attempt); ``None``: torchrun's ``TORCHELASTIC_RUN_ID``.
+        continue_run: the launcher continues runs by name (``moesys launch``): the run folder may hold
+            this run's earlier attempts without ``checkpoint.resume``.
+
+    The run folder (``metrics.run_dir``) is locked by rank 0 for the job's lifetime
+    (:class:`~system.train.run_folder.RunLock`). A fresh start (no ``checkpoint.resume``, first attempt)
+    in a folder holding an earlier run is refused unless ``checkpoint.overwrite`` is set, which deletes
+    that run first. After a failure, a torchrun restart (``TORCHELASTIC_RESTART_COUNT > 0``) resumes from
+    ``latest`` under the run's own checkpoint root when there is one.
 
     Raises:
         ValueError: for degrees that do not match the world size, experts that do not divide by
             the EP degree, or data too short for one global batch.
+        RunFolderError: the run folder is held by another job, not writable, or holds an earlier run.
+        ConfigError: the checkpoint to resume from was saved from a different model (fields listed).
+        CheckpointError: the checkpoint to resume from is missing, uncommitted or corrupted.
     """
 
-    def __init__(self, cfg: JobConfig, device: torch.device | None = None):
+    def __init__(self, cfg: JobConfig, device: torch.device | None = None, job_id: str | None = None,
+                 continue_run: bool = False):
         self.cfg = cfg
         self.device = device if device is not None else pick_device(cfg.parallel.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # NCCL object collectives use the current device
-        self.rank, self.world = init_distributed(self.device, cfg.parallel.backend)
+        self.rank, self.world = init_distributed(self.device, cfg.parallel.backend,
+                                                 timeout_s=cfg.comm.init_timeout_seconds)
+        self.lock: RunLock | None = None
+        try:
+            self._build(job_id, continue_run)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _build(self, job_id: str | None, continue_run: bool) -> None:
+        cfg = self.cfg
         if self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(cfg.training.threads_per_rank or max(1, (os.cpu_count() or 1) // local))
@@ -93,10 +127,28 @@ class Trainer:
         self.dims.check_experts(cfg.moe.num_experts)
         self.mesh = self.dims.build_mesh(self.device.type)
         self.amp_dtype = self._amp_dtype()
+        self.preempt = False
 
+        # The run folder and the checkpoint to resume come first: a held folder or a mismatched
+        # checkpoint fails in seconds, before the corpus is read and the model built.
+        self.run_dir = Path(self._broadcast_str(default_run_dir(cfg)))
+        ccfg = cfg.checkpoint
+        root = checkpoint_root(cfg, str(self.run_dir))
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        resume = ccfg.resume
+        if restart > 0 and read_latest(root) is not None:
+            resume = "latest"  # a restart after a failure continues from this run's own newest checkpoint
+        self._prepare_run_folder(root, job_id or os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}",
+                                 fresh=not (resume or restart or continue_run))
         tcfg = cfg.training
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         resolve_vocab(cfg, self.tokenizer.vocab_size)
+        resume_path = None
+        if resume:
+            resume_path = CheckpointManager.resolve_in(root, resume)
+            if resume_path is not None:
+                check_resume_model(cfg, resume_path)  # on every rank: each reports the same one-line error
+
         corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
         train_tokens = tokenize_docs(corpus.train_docs, self.tokenizer)
         val_tokens = tokenize_docs(corpus.val_docs, self.tokenizer)
@@ -110,7 +162,7 @@ class Trainer:
         self.val_tokens = val_tokens
         global_windows = (len(val_tokens) - 1) // tcfg.seq_len // (tcfg.batch_size * self.world)
         if global_windows < 1:
-            raise ValueError(
+            raise DataError(
                 f"validation split of {len(val_tokens)} tokens is shorter than one global batch "
                 f"({tcfg.batch_size} x {self.world} sequences of {tcfg.seq_len}); raise data.val_fraction"
             )
@@ -125,24 +177,29 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_lr_scheduler(self.optimizer, tcfg)
 
-        name = cfg.metrics.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.run_dir = Path(self._broadcast_str(name))
-        self.metrics = MetricsLogger(self.run_dir, self.rank, tensorboard=cfg.metrics.tensorboard)
-        self.ckpt: CheckpointManager | None = None
-        ccfg = cfg.checkpoint
-        if ccfg.interval or ccfg.resume:
-            self.ckpt = CheckpointManager(
-                ccfg.dir or str(self.run_dir / "checkpoints"), self.model, self.optimizer, self.scheduler, self.loader,
-                layout=self.layout(), async_save=ccfg.async_save, keep_last=ccfg.keep_last,
-                extra_fn=lambda: {"config": config_to_dict(self.cfg)},
-            )
+        # The checkpoint manager always exists: a SIGTERM commits a checkpoint even without checkpoint.interval.
+        self.last_loss = float("nan")
+        self.ckpt = CheckpointManager(
+            root, self.model, self.optimizer, self.scheduler, self.loader,
+            layout=self.layout(), async_save=ccfg.async_save, keep_last=ccfg.keep_last,
+            extra_fn=lambda: {"config": config_to_dict(self.cfg), "last_loss": _finite_or_none(self.last_loss)},
+        )
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers, cfg.model.dim, tcfg.seq_len)
         self.peak = peak_flops(self.device)
         self.step = 0
-        if self.ckpt is not None and ccfg.resume:
-            resumed = self.ckpt.load(ccfg.resume)
-            if resumed is not None:
-                self.step = resumed.step
+        self.resumed_from = ""
+        if resume_path is not None:
+            resumed = self.ckpt.load(resume_path)
+            self.step = resumed.step
+            self.resumed_from = resumed.path
+            if resumed.extra.get("last_loss") is not None:
+                self.last_loss = float(resumed.extra["last_loss"])
+        elif resume:
+            logger.info("checkpoint: nothing under %s yet, starting from step 0", root)
+        self.start_step = self.step
+        continuing = bool(resume) or restart > 0 or continue_run
+        self.metrics = MetricsLogger(self.run_dir, self.rank, tensorboard=cfg.metrics.tensorboard,
+                                     resume_step=self.step if continuing else None, resume_from=self.resumed_from)
         logger.info(
             "model: %.2fM params (%.2fM active), %d MoE layers x %d experts top-%d; world %d = dp %d x ep %d; "
             "dense %s; device %s; corpus %s (%.1f MB train)",
@@ -150,6 +207,40 @@ class Trainer:
             cfg.moe.top_k, self.world, self.dims.dp, self.dims.ep, cfg.parallel.dense, self.device,
             corpus.name, corpus.train_bytes / 1e6,
         )
+
+    # ------------------------------------------------------------------ run folder
+    def _prepare_run_folder(self, root: str, job_id: str, fresh: bool) -> None:
+        """Rank 0 locks the run folder and checks (or, with ``checkpoint.overwrite``, clears) what an
+        earlier run left; its verdict is broadcast so that every rank fails with the same one line."""
+        error = None
+        if self.rank == 0:
+            try:
+                self.lock = RunLock(self.run_dir, job_id)
+                self.lock.acquire()
+                found = earlier_run(self.run_dir, root) if fresh else []
+                if found and self.cfg.checkpoint.overwrite:
+                    deleted = clear_earlier_run(self.run_dir, root)
+                    logger.warning("checkpoint.overwrite: deleted the earlier run in %s: %s", self.run_dir,
+                                   ", ".join(deleted))
+                elif found:
+                    raise RunFolderError(
+                        f"run folder {self.run_dir} holds an earlier run ({'; '.join(found)}). To continue it "
+                        f"pass --checkpoint.resume latest; to keep it and start anew pass a new --metrics.run_dir; "
+                        f"to delete it and start anew pass --checkpoint.overwrite true"
+                    )
+            except RunFolderError as e:
+                error = str(e)
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RunFolderError(error)
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ helpers
     def layout(self) -> dict:
@@ -228,18 +319,25 @@ class Trainer:
         self.step += 1
         n_moe = max(len(moe_layers), 1)
         aux_sum, z_sum, std_sum = sums.tolist()
-        loss, aux_mean, z_mean, dropped, made, router_std = self._mean_over_ranks(
+        # The step's one all-reduce also carries this rank's SIGTERM flag, so all ranks stop after the same step.
+        loss, aux_mean, z_mean, dropped, made, router_std, preempt = self._mean_over_ranks(
             [ce_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum / n_moe, z_sum / tcfg.grad_accum / n_moe,
-             float(dropped), float(made), std_sum / max(std_count, 1)]
+             float(dropped), float(made), std_sum / max(std_count, 1), float(preempt_requested())]
         )
+        self.preempt = preempt > 0
+        self.last_loss = loss
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepResult(loss, aux_mean, z_mean, float(norm), load, dropped / max(made, 1.0),
                           time.perf_counter() - t0, expert_tokens, router_std if std_count else None)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation cross-entropy (nats/token) over ``eval_batches`` fixed batches, all ranks."""
+    def evaluate(self, progress: str = "") -> float:
+        """Mean validation cross-entropy (nats/token) over ``eval_batches`` fixed batches, all ranks.
+
+        Args:
+            progress: a label for a rank-0 progress bar over the batches (empty: no bar).
+        """
         tcfg = self.cfg.training
         self.model.eval()
         loader = PackedLoader(
@@ -247,7 +345,12 @@ class Trainer:
             rank=self.rank, world_size=self.world, seed=0, shuffle=False,
         )
         total = 0.0
-        for _ in range(self.eval_batches):
+        batches = range(self.eval_batches)
+        if progress and self.rank == 0 and self.cfg.metrics.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=progress, unit="batch", dynamic_ncols=True, leave=False)
+        for _ in batches:
             inputs, targets = self._to_device(*loader.next_batch())
             with self._autocast():
                 logits = self.model(inputs)
@@ -261,7 +364,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self, on_step: Callable[[int, dict | None], None] | None = None) -> dict:
-        """Train ``training.steps`` steps, evaluate, save, print the summary; return the summary dict.
+        """Train up to ``training.steps`` steps, evaluate, save, print the summary; return the summary dict.
+
+        After the first step the collective timeout drops to ``comm.train_timeout_seconds`` (a hung
+        peer fails the job instead of stalling it); it is back at ``comm.init_timeout_seconds`` for the
+        final evaluation and export. On SIGTERM (:mod:`system.train.lifecycle`) every rank stops after
+        the same step, commits a checkpoint of it and raises :class:`~system.train.lifecycle.Preempted`.
+        The run folder's lock is released at the end, also on an exception.
 
         Args:
             on_step: called on every rank after each optimizer step (after its checkpoint save and
@@ -269,21 +378,35 @@ class Trainer:
                 keys on every rank, the same values but for timings; ``None`` at steps that log
                 nothing). Launchers use it to report progress (Ray Train's ``ray.train.report``);
                 it may call collectives, since all ranks call it at the same steps.
+
+        Raises:
+            Preempted: after SIGTERM, once the checkpoint is committed.
         """
+        try:
+            return self._run(on_step)
+        finally:
+            self._release_lock()
+
+    def _run(self, on_step: Callable[[int, dict | None], None] | None) -> dict:
         tcfg = self.cfg.training
         tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * self.world
         bar = None
-        if self.rank == 0 and self.cfg.metrics.progress:
+        if self.rank == 0 and self.cfg.metrics.progress and self.step < tcfg.steps:
             from tqdm import tqdm
 
-            bar = tqdm(total=tcfg.steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+            bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       mininterval=1.0)
         t_start = time.perf_counter()
         t_window, steps_window = time.perf_counter(), 0
-        last, val_loss, tps = None, float("nan"), 0.0
+        last, tps = None, 0.0
+        interval = self.cfg.checkpoint.interval
         while self.step < tcfg.steps:
             last = self.train_step()
+            if self.step == self.start_step + 1:
+                self._set_collective_timeout(self.cfg.comm.train_timeout_seconds)
             steps_window += 1
-            if self.ckpt is not None and self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+            saved = bool(interval) and self.step % interval == 0
+            if saved:
                 self.ckpt.save(self.step)
             if bar is not None:
                 bar.update(1)
@@ -296,27 +419,46 @@ class Trainer:
                     val_loss = self.evaluate()
                     record["val_loss"] = val_loss
                     record["val_bpb"] = self.bits_per_byte(val_loss)
+                    self._say(f"step {self.step}: val loss {record['val_bpb']:.3f} bits/byte "
+                              f"(train {self.bits_per_byte(last.loss):.3f})", bar)
                 self.metrics.log(self.step, record, self._load_histograms(last))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix(loss_bpb=f"{self.bits_per_byte(last.loss):.3f}", tok_s=f"{tps:,.0f}")
                 t_window, steps_window = time.perf_counter(), 0
             else:
                 record = None
+            if self.preempt:
+                self._stop_preempted(saved, bar)
             if on_step is not None:
                 on_step(self.step, record)
         train_time = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
-        val_loss = self.evaluate()
+        if self.step > self.start_step:
+            self._set_collective_timeout(self.cfg.comm.init_timeout_seconds)
+        return self._finish(last, tokens_per_step, train_time)
+
+    def _finish(self, last: StepResult | None, tokens_per_step: int, train_time: float) -> dict:
+        """Final evaluation, checkpoint, model export and sample, each announced (they take a while)."""
+        t0 = time.perf_counter()
+        val_loss = self.evaluate(progress="final evaluation")
         self.metrics.log(self.step, {"val_loss": val_loss, "val_bpb": self.bits_per_byte(val_loss)})
-        summary = self._summary(last, val_loss, tokens_per_step * tcfg.steps / train_time, train_time)
-        if self.ckpt is not None:
-            interval = self.cfg.checkpoint.interval
-            if self.cfg.checkpoint.save_final and interval and self.step % interval:
-                self.ckpt.save(self.step)
-            self.ckpt.close()
+        self._say(f"step {self.step}: val loss {self.bits_per_byte(val_loss):.3f} bits/byte "
+                  f"({time.perf_counter() - t0:.1f} s)")
+        steps_run = self.step - self.start_step
+        summary = self._summary(last, val_loss, tokens_per_step * steps_run / train_time if steps_run else None,
+                                train_time, steps_run)
+        interval = self.cfg.checkpoint.interval
+        if self.cfg.checkpoint.save_final and interval and self.step % interval and steps_run:
+            self._say(f"saving the final checkpoint (step {self.step})")
+            self.ckpt.save(self.step)
+        self.ckpt.close()
         if self.cfg.checkpoint.save_final:
-            save_model(self.model, self.mesh, self.run_dir / self.cfg.checkpoint.folder, config_to_dict(self.cfg))
+            t0 = time.perf_counter()
+            target = self.run_dir / self.cfg.checkpoint.folder
+            self._say(f"exporting the model to {target}")
+            save_model(self.model, self.mesh, target, config_to_dict(self.cfg), overwrite=True)
+            self._say(f"exported the model ({time.perf_counter() - t0:.1f} s)")
         sample = self.sample()
         if self.rank == 0:
             summary["sample"] = sample
@@ -324,6 +466,37 @@ class Trainer:
             self._print_summary(summary)
         self.metrics.close()
         return summary
+
+    def _stop_preempted(self, saved: bool, bar) -> None:
+        """SIGTERM reached some rank: commit a checkpoint of this step (unless one was just saved), stop."""
+        if bar is not None:
+            bar.close()
+        if not saved:
+            self.ckpt.save(self.step)
+        self.ckpt.close()
+        self.metrics.close()
+        where = f"{self.ckpt.root.rstrip('/')}/{step_dir_name(self.step)}"
+        raise Preempted(f"preempted (SIGTERM) after step {self.step}: checkpoint {where} committed; continue "
+                        f"with --checkpoint.resume latest")
+
+    def _set_collective_timeout(self, seconds: int) -> None:
+        """Set the timeout of the training groups (the default group and the mesh's); every rank calls it
+        at the same point, after a collective, so none waits under the other timeout (TorchTitan does the same)."""
+        groups = [None] + [self.mesh.get_group(name) for name in self.mesh.mesh_dim_names]
+        for group in groups:
+            try:
+                dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
+            except (ValueError, RuntimeError, AttributeError) as e:  # a backend without timeouts: keep going
+                logger.debug("collective timeout not set on %s: %s", group, e)
+
+    def _say(self, line: str, bar=None) -> None:
+        """A progress line on rank 0 that does not break the progress bar."""
+        if self.rank != 0:
+            return
+        if bar is not None:
+            bar.write(line)
+        else:
+            logger.info(line)
 
     def _record(self, r: StepResult, tps: float) -> dict[str, float]:
         imbalance = [float(l.max() / l.mean().clamp_min(1e-9)) for l in r.tokens_per_expert]
@@ -363,12 +536,17 @@ class Trainer:
             return ""
         ids = self.tokenizer.encode(tcfg.sample_prompt) or [self.tokenizer.eos_id]
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
+        self._say(f"sampling {tcfg.sample_tokens} tokens greedily from {tcfg.sample_prompt!r}")
         with self._autocast():
             out = greedy_generate(self.model, prompt, tcfg.sample_tokens, tcfg.seq_len)
+        self._say(f"sampled ({time.perf_counter() - t0:.1f} s)")
         return self.tokenizer.decode(out[0].tolist())
 
-    def _summary(self, last: StepResult | None, val_loss: float, tps: float, seconds: float) -> dict:
-        train_loss = last.loss if last else float("nan")
+    def _summary(self, last: StepResult | None, val_loss: float, tps: float | None, seconds: float,
+                 steps_run: int) -> dict:
+        # With no step run here (resumed at training.steps) the train loss is the checkpoint's last one.
+        train_loss = last.loss if last else self.last_loss
         imbalance = (
             sum(float(l.max() / l.mean().clamp_min(1e-9)) for l in last.tokens_per_expert) / len(last.tokens_per_expert)
             if last and last.tokens_per_expert else float("nan")
@@ -377,6 +555,9 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "corpus": self.corpus_name,
             "steps": self.step,
+            "steps_run": steps_run,
+            "start_step": self.start_step,
+            "resumed_from": self.resumed_from or None,
             "world_size": self.world,
             "dp": self.dims.dp,
             "ep": self.dims.ep,
@@ -395,13 +576,19 @@ class Trainer:
     def _print_summary(self, s: dict) -> None:
         lines = [
             f"run            {s['run_dir']}",
-            f"steps          {s['steps']}  (world {s['world_size']} = dp {s['dp']} x ep {s['ep']})",
+            f"steps          {s['steps']}  (world {s['world_size']} = dp {s['dp']} x ep {s['ep']})"
+            + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else ""),
             f"params         {s['params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active",
-            f"train loss     {s['train_bpb']:.3f} bits/byte",
+            f"train loss     {s['train_bpb']:.3f} bits/byte" + ("" if s["steps_run"] else
+                                                                f"  (step {s['steps']}, before the resume)"),
             f"val loss       {s['val_bpb']:.3f} bits/byte  (byte-unigram entropy of {s['corpus']}: "
             f"{s['unigram_entropy_bpb']:.3f} bits/byte)",
-            f"throughput     {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.0f} s",
-            f"expert imbal.  {s['expert_imbalance']:.2f} (max/mean tokens per expert, last step)",
+            (f"throughput     {s['tokens_per_s']:,.0f} tokens/s over {s['steps_run']} steps in "
+             f"{s['train_seconds']:.0f} s" + (f" (resumed at step {s['start_step']})" if s["start_step"] else "")
+             if s["tokens_per_s"] else
+             f"throughput     - (no step left to run: resumed at step {s['start_step']} = training.steps)"),
+            f"expert imbal.  {s['expert_imbalance']:.2f} (max/mean tokens per expert, last step)" if s["steps_run"]
+            else "expert imbal.  - (no step run)",
             f"sample         {s['sample']!r}",
         ]
         print("\n".join(["== summary =="] + lines), flush=True)
