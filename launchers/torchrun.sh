@@ -13,6 +13,8 @@
 #   RDZV_ENDPOINT   HOST:PORT of the c10d rendezvous; required when NNODES != 1
 #   RDZV_ID         job id shared by all nodes                               (default moesys)
 #   MAX_RESTARTS    worker-group restarts after a failure                    (default 0)
+#   SHUTDOWN_TIMEOUT seconds between SIGTERM to the workers (they commit a checkpoint of the
+#                   current step) and SIGKILL                               (default 60)
 #   PYTHON          interpreter                                              (default python)
 #   DRY_RUN=1       print the command instead of running it
 #
@@ -78,6 +80,7 @@ fi
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-}"
 RDZV_ID="${RDZV_ID:-moesys}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-60}"
 PYTHON="${PYTHON:-python}"
 
 # Validation.
@@ -85,6 +88,8 @@ PYTHON="${PYTHON:-python}"
     die "NPROC_PER_NODE must be an integer >= 1, got '${NPROC_PER_NODE}'"
 [[ "${MAX_RESTARTS}" =~ ^[0-9]+$ ]] ||
     die "MAX_RESTARTS must be an integer >= 0, got '${MAX_RESTARTS}'"
+[[ "${SHUTDOWN_TIMEOUT}" =~ ^[0-9]+$ ]] ||
+    die "SHUTDOWN_TIMEOUT must be an integer >= 0 (seconds), got '${SHUTDOWN_TIMEOUT}'"
 if [[ "${NNODES}" =~ ^([0-9]+)(:([0-9]+))?$ ]]; then
     min_nodes=$((10#${BASH_REMATCH[1]}))
     max_nodes=$((10#${BASH_REMATCH[3]:-${BASH_REMATCH[1]}}))
@@ -118,6 +123,9 @@ else
         --rdzv-id "${RDZV_ID}"
         --max-restarts "${MAX_RESTARTS}"
     )
+fi
+if [[ "${SHUTDOWN_TIMEOUT}" -gt 0 ]]; then
+    args+=(--shutdown-timeout "${SHUTDOWN_TIMEOUT}")
 fi
 args+=(-m system.train.main --config "${CONFIG}" "$@")
 

@@ -28,7 +28,7 @@ def test_single_node_standalone() -> None:
     argv, env = build_torchrun_command(spec, ["--config", "c.toml", "--train.steps", "5"])
     assert argv == [
         "py", "-m", "torch.distributed.run",
-        "--standalone", "--nnodes", "1", "--nproc-per-node", "4",
+        "--standalone", "--nnodes", "1", "--nproc-per-node", "4", "--shutdown-timeout", "60",
         "-m", "system.train.main", "--config", "c.toml", "--train.steps", "5",
     ]  # fmt: skip
     assert env == {}
@@ -46,7 +46,7 @@ def test_multi_node_c10d() -> None:
         "py", "-m", "torch.distributed.run",
         "--nnodes", "2", "--nproc-per-node", "8",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29500", "--rdzv-id", "job7",
-        "--max-restarts", "0",
+        "--max-restarts", "0", "--shutdown-timeout", "60",
         "-m", "system.train.main", "--config", "c.toml",
     ]  # fmt: skip
     assert "--node-rank" not in argv and "--standalone" not in argv

@@ -60,6 +60,7 @@ from system.cluster.ray_worker import FAULT_ENV, FaultInjection, read_attempts, 
 from system.cluster.torchrun import parse_nnodes
 from system.config.job import JobConfig
 from system.config.loader import config_to_dict, load_config
+from system.train.preflight import preflight
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,8 @@ def plan_launch(spec: RayLaunchSpec, *, check_storage: bool = True) -> RayLaunch
         ValueError: bad counts (workers, GPUs, failures), workers that do not match the config's
             parallel layout or global batch, a missing ``--storage-path`` for several nodes, storage
             that cannot be written, or a malformed ``MOESYS_FAULT_INJECT``.
+        MoesysError: a :func:`~system.train.preflight.preflight` check failed (data, tokenizer,
+            checkpoint to resume, run folder held by another job).
     """
     cfg = load_config(spec.config, spec.overrides)
     lo_nodes, hi_nodes = parse_nnodes(spec.num_nodes)
@@ -275,6 +278,10 @@ def plan_launch(spec: RayLaunchSpec, *, check_storage: bool = True) -> RayLaunch
     cfg.metrics.progress = False
     if not cfg.checkpoint.interval:
         logger.warning("checkpoint.interval=0: a restart after a failure begins again at step 0")
+    if _is_local(cfg.metrics.run_dir):
+        # What the config and the command line decide, before Ray starts: data, tokenizer, the
+        # checkpoint to resume, and the run folder (not held by a live job; reusing --name continues).
+        preflight(cfg, cfg.metrics.run_dir, job_id=name, continue_run=True)
     fault = os.environ.get(FAULT_ENV) or None
     if fault:
         FaultInjection.parse(fault)

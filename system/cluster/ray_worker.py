@@ -259,7 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-    trainer = Trainer(cfg, device=device)
+    # The run's name is the job id of the run folder's lock: an attempt takes over its predecessor's lock.
+    trainer = Trainer(cfg, device=device, job_id=os.path.basename(config["experiment"].rstrip("/")),
+                      continue_run=True)
     if rank == 0:
         number = record_attempt(config["experiment"], {
             "world_size": world, "dp": trainer.dims.dp, "ep": trainer.dims.ep, "batch_size": cfg.training.batch_size,
