@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     in a worker; ``128 + N`` the launcher was stopped by signal ``N``.
     """
     from system.cluster.agent import run_agent
+    from system.train.lifecycle import PREEMPTED_EXIT
     from system.cluster.torchrun import parse_nnodes
     from system.errors import MoesysError
     from system.train.preflight import default_run_dir, preflight
@@ -96,11 +97,28 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     print(f"+ {line}", file=sys.stderr, flush=True)
     result = run_agent(argv, env, debug=args.debug)
-    if result.exit_code:
+    if result.exit_code == PREEMPTED_EXIT or (result.exit_code and not result.failures):
+        # Preempted, or the launcher itself was stopped: say where the workers' checkpoint is.
+        latest = _latest_checkpoint(cfg, run_dir)
+        _error(f"{result.message}; newest checkpoint: {latest or 'none'}"
+               + ("; continue with --checkpoint.resume latest" if latest and "continue with" not in result.message else ""))
+    elif result.exit_code:
         failed = len(result.failures)
-        where = f" (rank {result.failures[0].rank}; {failed} rank(s) failed)" if failed else ""
-        _error(f"{result.message}{where}")
+        _error(f"{result.message} (rank {result.failures[0].rank}; {failed} rank(s) failed)")
     return result.exit_code
+
+
+def _latest_checkpoint(cfg, run_dir: str) -> str | None:
+    """The checkpoint ``latest`` names under the job's checkpoint root, if it can be read from here."""
+    from system.checkpoint.storage import read_latest
+    from system.train.preflight import checkpoint_root
+
+    root = checkpoint_root(cfg, run_dir)
+    try:
+        name = read_latest(root)
+    except (OSError, ValueError):
+        return None
+    return f"{root.rstrip('/')}/{name}" if name else None
 
 
 def _launch_parser(sub) -> None:
@@ -129,6 +147,7 @@ def _launch_parser(sub) -> None:
 def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
     """Validate, then run the job on Ray (or print the plan); return the exit code (1: the run failed)."""
     from system.cluster.ray_launch import RayLaunchSpec, launch, plan_launch  # Ray only when launching
+    from system.errors import MoesysError
     from system.train.log import init_logging
 
     init_logging(0)
@@ -151,7 +170,7 @@ def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.dry_run:
             return 0
         result = launch(plan)
-    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:  # ConfigError: a ValueError
+    except (MoesysError, ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"== ray run {result.experiment}: {len(result.attempts)} attempt(s), {result.restarts} restart(s) ==")
@@ -227,7 +246,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_request(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, offload=args.offload,
                   slots=args.slots, expert_cache=args.expert_cache, sampling=args.sampling, top_p=args.top_p,
-                  temperature=args.temperature, device=args.device)
+                  temperature=args.temperature, device=args.device, device_memory=args.device_memory,
+                  link_bandwidth=args.link_bandwidth)
     if args.offload == "experts" and args.expert_cache is None:
         raise PlanError("--offload experts needs --expert-cache C (expert slots, >= 1)")
     prompts = list(args.prompt)
@@ -297,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 141
     except MoesysError as e:
+        if getattr(args, "debug", False):  # --debug: the traceback of expected errors too
+            raise
         message = " ".join(str(e).split("\n")) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1 if args.command == "ckpt" else 2
