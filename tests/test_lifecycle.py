@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -141,9 +142,20 @@ def test_launcher_sigkill_stops_workers_and_the_lock_keeps_a_second_job_out(tmp_
     assert read_latest(run / "checkpoints") == f"step_{stopped:08d}", log.read_text()[-3000:]
     assert verify(run / "checkpoints" / f"step_{stopped:08d}") == []
     assert not (run / ".moesys.lock").exists()
-    resumed = _run(run, stopped + 2, "--checkpoint.resume", "latest")
+    resumed = _run(run, stopped + 2, "--checkpoint.resume", "latest", "--checkpoint.interval", "1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(_losses(run)) == list(range(1, stopped + 3))
+    summary = json.loads((run / "summary.json").read_text())
+    tokens_per_step = 4 * 64 * 2  # batch x seq_len x world
+    assert summary["steps_run"] == 2 and summary["start_step"] == stopped
+    assert summary["tokens_per_s"] == pytest.approx(2 * tokens_per_step / summary["train_seconds"])
+    # Resuming a finished run: no step left, the summary still says what the model's loss was.
+    again = _run(run, stopped + 2, "--checkpoint.resume", "latest")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_run"] == 0 and summary["tokens_per_s"] is None
+    assert summary["train_loss"] == pytest.approx(_losses(run)[stopped + 2])
+    assert "no step left to run" in again.stdout and "nan" not in again.stdout
 
 
 def test_sigterm_to_one_worker_commits_the_step_and_resumes_exactly(tmp_path: Path, reference) -> None:
