@@ -76,4 +76,23 @@ def test_import_dcp(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["ckpt", "inspect", str(tmp_path / "nope")]) == 1
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and "does not exist" in err and "did not finish" not in err
+
+
+def test_missing_and_misnamed_checkpoints_say_what_is_wrong(checkpoint, tmp_path: Path, capsys) -> None:
+    from system.checkpoint import resolve_checkpoint
+    from system.checkpoint.errors import CheckpointNotFoundError, UncommittedCheckpointError
+
+    path, _ = checkpoint
+    with pytest.raises(CheckpointNotFoundError, match="does not exist") as info:
+        resolve_checkpoint(tmp_path / "typo")
+    assert isinstance(info.value, UncommittedCheckpointError)  # old except clauses still catch it
+    (path.parent / "latest").write_text("step_00000099")
+    with pytest.raises(CheckpointNotFoundError, match="names checkpoint 'step_00000099'.*does not exist"):
+        resolve_checkpoint(path.parent)
+    assert main(["ckpt", "inspect", str(next(path.glob("data-*.bin")))]) == 1
+    assert "is a file, not a checkpoint folder" in capsys.readouterr().err
+    path.with_name("step_00000004").mkdir()
+    assert main(["ckpt", "verify", str(path.with_name("step_00000004"))]) == 1
+    assert "the save did not finish" in capsys.readouterr().err  # exists, never committed

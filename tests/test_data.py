@@ -20,7 +20,9 @@ from system.data import (
     load_corpus,
     tokenize_docs,
 )
-from system.data.corpus import split_text_tail
+from system.data.corpus import CorpusNotFoundError, split_text_tail
+from system.data.tokenizer import TokenizerNotFoundError
+from system.errors import DataError, MoesysError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO_ROOT.parent / "shared/data/tinyshakespeare.txt"
@@ -236,6 +238,69 @@ def test_corpus_errors(tmp_path: Path) -> None:
         load_corpus(str(empty_jsonl))
     with pytest.raises(ValueError, match="val_fraction"):
         load_corpus("", val_fraction=0.0)
+
+
+def test_bad_tokenizer_files_are_data_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(TokenizerNotFoundError, match="nope.json") as info:
+        build_tokenizer(str(missing))
+    assert isinstance(info.value, (DataError, FileNotFoundError, MoesysError))
+    with pytest.raises(DataError, match="is not a file"):
+        build_tokenizer(str(tmp_path))
+    for name, data, needle in (("bad.json", b"{not json", "cannot load"), ("bin.json", b"\xff\xfe\x00", "not UTF-8"),
+                               ("list.json", b"[1, 2]", "cannot load")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=needle) as info:
+            build_tokenizer(str(tmp_path / name))
+        assert name in str(info.value)
+    with pytest.raises(DataError, match="empty"):
+        build_tokenizer("  ")
+
+
+def test_bad_corpus_inputs_are_data_errors_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    dangling = tmp_path / "dangling.txt"
+    dangling.symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(CorpusNotFoundError, match="gone.txt.*does not exist"):
+        load_corpus(str(dangling))
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "a.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(DataError, match=r"no documents .*symbolic link.*a\.txt"):
+        load_corpus(str(links))
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"no documents .*non-UTF-8/binary.*latin1\.txt"):
+        load_corpus(str(binary))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load_corpus(str(binary / "latin1.txt"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no documents .*holds no files"):
+        load_corpus(str(empty))
+    one = tmp_path / "one.txt"
+    one.write_text("x")
+    with pytest.raises(DataError, match="one.txt.*1 character"):
+        load_corpus(str(one))
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match="bad.jsonl is not UTF-8"):
+        load_corpus(str(jsonl))
+    # a file that cannot be opened (tests may run as root, for whom chmod 000 does not stop a read)
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.txt").write_text("alpha\n")
+    (good / "locked.txt").write_text("beta\n")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError, match="locked.txt.*cannot be read: Permission denied"):
+        load_corpus(str(good))
 
 
 def test_corpus_byte_counts() -> None:

@@ -127,7 +127,9 @@ def test_load_single_process_and_errors(saved, tmp_path) -> None:
 
 
 def test_save_replaces_atomically(tmp_path) -> None:
-    """A second save replaces the folder; no temporary folders are left behind."""
+    """A second save replaces the folder only with ``overwrite=True``; no temporary folders are left behind."""
+    from system.checkpoint.errors import ExportTargetError
+
     from system.distributed import ParallelDims  # noqa: F401  (single process: no mesh collectives)
 
     class _Mesh:
@@ -140,6 +142,10 @@ def test_save_replaces_atomically(tmp_path) -> None:
     model = build(dict(SCENARIOS["ep2"]))
     path = tmp_path / "m"
     save_model(model, _Mesh(), path, {"a": 1})
-    save_model(model, _Mesh(), path, {"a": 2})
+    with pytest.raises(ExportTargetError, match="--overwrite"):
+        save_model(model, _Mesh(), path, {"a": 2})
+    assert read_config(path) == {"a": 1}
+    save_model(model, _Mesh(), path, {"a": 2}, overwrite=True)
     assert read_config(path) == {"a": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in path.iterdir()) == [".moesys-export.json", "config.json", MODEL_FILE]

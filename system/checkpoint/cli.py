@@ -3,9 +3,10 @@
 - ``moesys ckpt inspect PATH [--json]``: tensors, dtypes, global shapes, boxes, the layout it was
   saved under, step and size.
 - ``moesys ckpt verify PATH``: recompute every checksum and file size; exit code 1 on any problem.
-- ``moesys ckpt export PATH --format safetensors --out DIR``: one consolidated Hugging Face style
-  ``model.safetensors`` (+ ``config.json``) of the model weights, for inference or sharing.
-- ``moesys ckpt import-dcp DCP_DIR --out PATH``: convert a PyTorch DCP checkpoint (TorchTitan,
+- ``moesys ckpt export PATH --format safetensors --out DIR [--overwrite]``: one consolidated Hugging Face
+  style ``model.safetensors`` (+ ``config.json``) of the model weights, for inference or sharing. ``DIR``
+  must not exist or be empty; ``--overwrite`` replaces an earlier export (never any other folder or file).
+- ``moesys ckpt import-dcp DCP_DIR --out PATH [--overwrite]``: convert a PyTorch DCP checkpoint (TorchTitan,
   Megatron ``torch_dist``) into this format. DCP's metadata is a pickle: import trusted ones only.
 
 ``PATH`` is a checkpoint folder, or a root holding ``latest``.
@@ -33,11 +34,15 @@ def add_parser(sub) -> None:
     e = cmds.add_parser("export", help="consolidated safetensors model")
     e.add_argument("path")
     e.add_argument("--format", choices=["safetensors"], default="safetensors")
-    e.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    e.add_argument("--out", required=True,
+                   help="output folder (model.safetensors + config.json); must not exist, be empty, or be an "
+                        "earlier export (with --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (nothing else)")
     d = cmds.add_parser("import-dcp", help="convert a torch.distributed.checkpoint folder")
     d.add_argument("dcp_dir")
     d.add_argument("--out", required=True, help="checkpoint folder to write")
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace a committed checkpoint at --out (never a folder that is not a checkpoint)")
 
 
 def _size(n: int) -> str:
@@ -79,18 +84,25 @@ def cmd_verify(path: str) -> int:
     return 1 if problems else 0
 
 
-def cmd_export(path: str, out: str) -> int:
-    """Write the model weights of a checkpoint as ``out/model.safetensors`` + ``out/config.json``."""
-    from system.checkpoint import load_full
-    from system.checkpoint.model_io import write_model
+def cmd_export(path: str, out: str, overwrite: bool = False) -> int:
+    """Write the model weights of a checkpoint as ``out/model.safetensors`` + ``out/config.json``.
 
+    Raises:
+        CheckpointError: the checkpoint cannot be read or holds no model tensors;
+            ``ExportTargetError`` when ``out`` must not be replaced (see
+            :func:`system.checkpoint.model_io.write_model`).
+    """
+    from system.checkpoint import load_full
+    from system.checkpoint.errors import CheckpointError
+    from system.checkpoint.model_io import check_export_target, write_model
+
+    check_export_target(out, overwrite)  # before reading the checkpoint: fail fast
     tensors, result = load_full(path, prefix=MODEL_PREFIX)
     if not tensors:
-        print(f"error: {path} holds no model tensors (names starting with {MODEL_PREFIX!r})", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{path} holds no model tensors (names starting with {MODEL_PREFIX!r})")
     model = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items()}
     config = result.extra.get("config", {})
-    write_model(model, out, config)
+    write_model(model, out, config, overwrite=overwrite)
     total = sum(t.numel() * t.element_size() for t in model.values())
     print(f"wrote {out}/model.safetensors ({len(model)} tensors, {_size(total)}) and config.json")
     return 0
@@ -106,8 +118,8 @@ def cmd_import_dcp(dcp_dir: str, out: str, overwrite: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``moesys ckpt ...``; checkpoint errors become exit code 1 with the message."""
-    from system.checkpoint.errors import CheckpointError
+    """Dispatch ``moesys ckpt ...``; expected errors (any ``MoesysError``) become exit code 1 with the message."""
+    from system.errors import MoesysError
 
     try:
         if args.ckpt_command == "inspect":
@@ -115,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
         if args.ckpt_command == "verify":
             return cmd_verify(args.path)
         if args.ckpt_command == "export":
-            return cmd_export(args.path, args.out)
+            return cmd_export(args.path, args.out, args.overwrite)
         if args.ckpt_command == "import-dcp":
             return cmd_import_dcp(args.dcp_dir, args.out, args.overwrite)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (MoesysError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 2

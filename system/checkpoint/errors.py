@@ -17,6 +17,13 @@ class UncommittedCheckpointError(CheckpointError):
     """The directory has no readable ``metadata.json``: the save never committed (or it is not a checkpoint)."""
 
 
+class CheckpointNotFoundError(UncommittedCheckpointError):
+    """The path given as a checkpoint does not exist at all (a typo, or the wrong folder).
+
+    A subclass of :class:`UncommittedCheckpointError` so that existing ``except`` clauses still catch it.
+    """
+
+
 class FormatVersionError(CheckpointError):
     """``metadata.json`` carries a format version this code does not know."""
 
@@ -43,3 +50,17 @@ class ChecksumError(CheckpointError):
 
 class DataFileError(CheckpointError):
     """A data file is missing, truncated or unreadable."""
+
+
+class ModelFileError(DataFileError, ValueError):
+    """A consolidated model (``model.safetensors`` + ``config.json``) is missing, malformed or lies
+    about its contents (header length or tensor offsets beyond the file, bad JSON); names the file."""
+
+
+class ModelNotFoundError(ModelFileError, FileNotFoundError):
+    """The model folder, or its ``model.safetensors`` / ``config.json``, does not exist."""
+
+
+class ExportTargetError(CheckpointError):
+    """``moesys ckpt export --out`` names something that must not be replaced (a file, a folder that is
+    not an earlier export, an export holding other files, or an earlier export without ``--overwrite``)."""

@@ -176,8 +176,10 @@ class CheckpointMetadata:
         """Parse ``metadata.json``.
 
         Raises:
-            UncommittedCheckpointError: the text is not valid JSON of this format (e.g. truncated).
-            FormatVersionError: the version is not :data:`FORMAT_VERSION`.
+            UncommittedCheckpointError: the text is not valid JSON of this format (e.g. truncated), or
+                a field is missing or of the wrong type.
+            FormatVersionError: the version is not :data:`FORMAT_VERSION` (a newer one says the
+                checkpoint was written by a newer moe-system).
         """
         try:
             d = json.loads(text)
@@ -185,14 +187,25 @@ class CheckpointMetadata:
             raise UncommittedCheckpointError(f"{where} does not parse as JSON ({e}); the checkpoint is not committed") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise UncommittedCheckpointError(f"{where} is not a {FORMAT_NAME} metadata file")
-        if d.get("version") != FORMAT_VERSION:
+        version = d.get("version")
+        if version != FORMAT_VERSION:
+            if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{where} was written by a newer moe-system (format version {version}, this version reads "
+                    f"version {FORMAT_VERSION}): upgrade moe-system to read it"
+                )
             raise FormatVersionError(
-                f"{where} has format version {d.get('version')!r}; this code reads version {FORMAT_VERSION}"
+                f"{where} has format version {version!r}; this version of moe-system reads version {FORMAT_VERSION}"
             )
-        return cls(
-            tensors={k: TensorMeta.from_json(t) for k, t in d["tensors"].items()},
-            files=d["files"], world_size=int(d["world_size"]), layout=d.get("layout", {}),
-            extra=d.get("extra", {}), rank_extras={int(r): e for r, e in d.get("rank_extras", {}).items()},
-            crc_chunk_bytes=int(d["crc_chunk_bytes"]), created_unix_s=float(d.get("created_unix_s", 0.0)),
-            version=d["version"],
-        )
+        try:
+            return cls(
+                tensors={k: TensorMeta.from_json(t) for k, t in d["tensors"].items()},
+                files=d["files"], world_size=int(d["world_size"]), layout=d.get("layout", {}),
+                extra=d.get("extra", {}), rank_extras={int(r): e for r, e in d.get("rank_extras", {}).items()},
+                crc_chunk_bytes=int(d["crc_chunk_bytes"]), created_unix_s=float(d.get("created_unix_s", 0.0)),
+                version=d["version"],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UncommittedCheckpointError(
+                f"{where} is malformed ({type(e).__name__}: {e}); the checkpoint cannot be read"
+            ) from None

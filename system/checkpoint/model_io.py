@@ -4,7 +4,8 @@ A plain, correct format: every tensor under its fully qualified name with its *g
 (experts on the global expert axis ``[E, ...]``, FSDP2 shards gathered), so the file loads under
 any expert-parallel degree or world size. Loading reads only the rows each rank holds
 (``safe_open(...).get_slice``). Written to a temporary folder and renamed into place, so a crash
-during the save never leaves a half-written model under the final name.
+during the save never leaves a half-written model under the final name, and never deletes or
+replaces anything it did not write (see :func:`write_model`).
 """
 
 from __future__ import annotations
@@ -13,21 +14,30 @@ import json
 import math
 import os
 import shutil
+import stat
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from system.checkpoint.errors import CheckpointError, ExportTargetError, ModelFileError, ModelNotFoundError
+from system.checkpoint.storage import swap_in_dir
 from system.moe.experts import ExpertModule
 from system.parallel.expert_parallel import gather_experts
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+EXPORT_MARKER = ".moesys-export.json"
+"""Written into every export folder: ``{"producer", "format", "created_unix_s", "files"}``; only a folder
+carrying it (and holding nothing beyond ``files``) may be replaced by a later export."""
+EXPORT_PRODUCER = "moe-system"
 
 
 def _fssdp_owner(model: nn.Module, name: str):
@@ -68,51 +78,161 @@ def full_state_dict(model: nn.Module, mesh: DeviceMesh) -> dict[str, torch.Tenso
     return out
 
 
-def save_model(model: nn.Module, mesh: DeviceMesh, path: str | Path, config: dict) -> Path | None:
+def save_model(model: nn.Module, mesh: DeviceMesh, path: str | Path, config: dict, *,
+               overwrite: bool = False) -> Path | None:
     """Write ``path/model.safetensors`` and ``path/config.json`` (a collective; rank 0 writes).
 
     Args:
         model: the (possibly parallelised) model.
         mesh: the ``("dp", "ep")`` mesh.
-        path: destination folder; replaced atomically if it exists.
+        path: destination folder (see :func:`write_model` for what may already be there).
         config: the job config as a plain dict (saved for inference and resuming).
+        overwrite: replace an earlier export at ``path`` (never anything else).
 
     Returns:
         The folder on rank 0, ``None`` on other ranks.
+
+    Raises:
+        ExportTargetError, CheckpointError: on rank 0, see :func:`write_model` (the other ranks
+            still reach the barrier, so none is left waiting).
     """
     tensors = full_state_dict(model, mesh)
-    result = None
+    result, error = None, None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        result = write_model(tensors, path, config)
+        try:
+            result = write_model(tensors, path, config, overwrite=overwrite)
+        except CheckpointError as e:
+            error = e
     if dist.is_initialized():
         dist.barrier()
+    if error is not None:
+        raise error
     return result
 
 
-def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict) -> Path:
+def _read_marker(path: Path) -> dict | None:
+    """The export marker of folder ``path`` (``None`` when there is none).
+
+    Raises:
+        ExportTargetError: the marker exists but is not one this code wrote.
+    """
+    marker = path / EXPORT_MARKER
+    if not marker.exists() and not marker.is_symlink():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportTargetError(f"{marker} cannot be read as an export marker ({e}); not replacing {path}") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if (not isinstance(data, dict) or data.get("producer") != EXPORT_PRODUCER or not isinstance(files, list)
+            or not all(isinstance(f, str) for f in files)):
+        raise ExportTargetError(f"{marker} is not a {EXPORT_PRODUCER} export marker; not replacing {path}")
+    return data
+
+
+def check_export_target(path: str | Path, overwrite: bool) -> bool:
+    """Whether ``path`` may become an export (:func:`write_model`'s rules; nothing is touched): True when
+    an earlier export is to be replaced, False when there is nothing there (or an empty folder).
+
+    Raises:
+        ExportTargetError: ``path`` is a file, a link or anything not a folder; a non-empty folder
+            without the export marker; an earlier export and ``overwrite`` is False; an earlier
+            export holding files its marker does not list (they would be lost).
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ExportTargetError(f"cannot examine the export target {path}: {e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file" if stat.S_ISREG(st.st_mode) else \
+            "not a folder"
+        raise ExportTargetError(f"export target {path} exists and is {kind}; not replacing it: choose another --out")
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        raise ExportTargetError(f"cannot list the export target {path}: {e}") from None
+    if not entries:
+        return False
+    marker = _read_marker(path)
+    if marker is None:
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+        raise ExportTargetError(
+            f"export target {path} is a non-empty folder that is not an earlier export (no {EXPORT_MARKER}; it "
+            f"holds {shown}); not replacing it, even with --overwrite: choose another --out"
+        )
+    if not overwrite:
+        raise ExportTargetError(f"export target {path} holds an earlier export; pass --overwrite to replace it")
+    extra = sorted(set(entries) - set(marker["files"]) - {EXPORT_MARKER})
+    if extra:
+        raise ExportTargetError(
+            f"export target {path} holds an earlier export plus files it did not write ({', '.join(extra)}); "
+            f"they would be lost: move them away or choose another --out"
+        )
+    return True
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict, *, overwrite: bool = False) -> Path:
     """Write full tensors as ``path/model.safetensors`` + ``path/config.json`` (one process).
 
-    The folder is built under a temporary name, fsynced and renamed into place, so a crash never
-    leaves a half-written model under ``path``.
+    The folder also gets :data:`EXPORT_MARKER` (producer, format, creation time, the files written),
+    which is how a later export recognises what it may replace. Nothing this function did not create
+    is ever deleted or replaced:
+
+    - ``path`` missing or an empty folder: the export is built in a unique hidden sibling
+      (``.<name>.tmp-XXXX``), fsynced and renamed into place;
+    - ``path`` an earlier export (marker present) and ``overwrite``: built the same way, then swapped in
+      (the old folder is renamed to a unique hidden sibling, the new one renamed to ``path``, the old
+      one deleted), so ``path`` never holds half a model;
+    - anything else (a file, a link, a folder without the marker, an export holding other files, or an
+      export without ``overwrite``): :class:`ExportTargetError` and nothing is touched.
+
+    On any failure only the temporary sibling is removed.
 
     Returns:
         ``path``.
+
+    Raises:
+        ExportTargetError: ``path`` must not be replaced (the reason and the way out are named).
+        CheckpointError: writing failed (the OS error and the folder are named).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": "moe-system"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    path = Path(os.path.abspath(path))
+    replace = check_export_target(path, overwrite)
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp-"))
+    except OSError as e:
+        raise ExportTargetError(f"cannot create the export folder {path}: {e}") from None
+    try:
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": EXPORT_PRODUCER})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        marker = {"producer": EXPORT_PRODUCER, "format": "safetensors", "created_unix_s": time.time(),
+                  "files": [MODEL_FILE, CONFIG_FILE]}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2))
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+        if replace:
+            swap_in_dir(tmp, path)
+        else:
+            os.rename(tmp, path)  # fails (ENOTEMPTY/ENOTDIR) rather than clobber anything created meanwhile
+        _fsync_path(parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write the export {path}: {e}") from e
+        raise
     return path
 
 
@@ -124,39 +244,50 @@ def load_model(model: nn.Module, path: str | Path) -> None:
     FSDP2 DTensors take their local shard; everything else is copied whole.
 
     Raises:
-        FileNotFoundError: the model file is missing.
+        ModelNotFoundError: the folder or the model file is missing (a ``FileNotFoundError``).
+        ModelFileError: the file is not valid safetensors (a header or offsets beyond the file, bad
+            JSON; the file and safetensors' reason are named).
         KeyError: a tensor of the model is absent from the file (named).
         ValueError: a saved shape differs from the model's global shape (tensor and shapes named).
     """
     file = Path(path) / MODEL_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"no saved model at {file}")
+        where = f"{path} does not exist" if not Path(path).exists() else f"{file} is missing"
+        raise ModelNotFoundError(f"no saved model: {where}")
     state = model.state_dict()
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        saved = set(f.keys())
-        for name, target in state.items():
-            fssdp = _fssdp_owner(model, name)
-            if fssdp is not None:
-                _load_fssdp_rows(f, file, name.rpartition(".")[0], fssdp, target)
-                continue
-            if name not in saved:
-                raise KeyError(f"tensor {name!r} missing from {file}")
-            sl = f.get_slice(name)
-            saved_shape = tuple(sl.get_shape())
-            owner = _expert_owner(model, name)
-            if owner is not None:
-                global_shape = (owner.num_global_experts,) + tuple(target.shape[1:])
-                _check_shape(name, file, saved_shape, global_shape)
-                lo = owner.expert_offset
-                target.copy_(sl[lo : lo + target.shape[0]])
-            elif isinstance(target, DTensor):
-                _check_shape(name, file, saved_shape, tuple(target.shape))
-                full = sl[:].to(target.dtype)
-                local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-                target.to_local().copy_(local.to_local())
-            else:
-                _check_shape(name, file, saved_shape, tuple(target.shape))
-                target.copy_(sl[:])
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            _load_into(model, state, f, file)
+    except SafetensorError as e:
+        raise ModelFileError(f"{file} is not a valid safetensors file: {e}") from None
+
+
+def _load_into(model: nn.Module, state: dict, f, file: Path) -> None:
+    """Copy each tensor of ``state`` from the open safetensors ``f`` (see :func:`load_model`)."""
+    saved = set(f.keys())
+    for name, target in state.items():
+        fssdp = _fssdp_owner(model, name)
+        if fssdp is not None:
+            _load_fssdp_rows(f, file, name.rpartition(".")[0], fssdp, target)
+            continue
+        if name not in saved:
+            raise KeyError(f"tensor {name!r} missing from {file}")
+        sl = f.get_slice(name)
+        saved_shape = tuple(sl.get_shape())
+        owner = _expert_owner(model, name)
+        if owner is not None:
+            global_shape = (owner.num_global_experts,) + tuple(target.shape[1:])
+            _check_shape(name, file, saved_shape, global_shape)
+            lo = owner.expert_offset
+            target.copy_(sl[lo : lo + target.shape[0]])
+        elif isinstance(target, DTensor):
+            _check_shape(name, file, saved_shape, tuple(target.shape))
+            full = sl[:].to(target.dtype)
+            local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(local.to_local())
+        else:
+            _check_shape(name, file, saved_shape, tuple(target.shape))
+            target.copy_(sl[:])
 
 
 def _load_fssdp_rows(f, file: Path, prefix: str, module, target: torch.Tensor) -> None:
@@ -182,8 +313,19 @@ def _check_shape(name: str, file: Path, saved: tuple, expected: tuple) -> None:
 
 
 def read_config(path: str | Path) -> dict:
-    """The job config dict saved beside a model."""
+    """The job config dict saved beside a model.
+
+    Raises:
+        ModelNotFoundError: no ``config.json`` in ``path`` (a ``FileNotFoundError``).
+        ModelFileError: it is not a JSON object (the file is named).
+    """
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} at {file}")
-    return json.loads(file.read_text())
+        raise ModelNotFoundError(f"no {CONFIG_FILE} at {file}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{file} holds {type(data).__name__}, not a JSON object")
+    return data

@@ -18,13 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from system.checkpoint.errors import CheckpointError, DataFileError, UncommittedCheckpointError
+from system.checkpoint.errors import (
+    CheckpointError, CheckpointNotFoundError, DataFileError, UncommittedCheckpointError,
+)
 from system.checkpoint.metadata import METADATA_FILE, CheckpointMetadata
 
 logger = logging.getLogger(__name__)
@@ -141,6 +146,32 @@ class Storage:
         self.fs.rm(self.root, recursive=True)
 
 
+def swap_in_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Replace the local folder ``path`` by the folder ``new`` (a sibling on the same file system).
+
+    The old folder is renamed to a unique hidden sibling (``.<name>.old-XXXX``), ``new`` renamed to
+    ``path`` (the old one is renamed back if that fails), then the old one is deleted. ``path`` is
+    never a mix of old and new files; a crash between the two renames leaves the old folder intact
+    under its hidden name. The caller decides that ``path`` may be replaced.
+
+    Raises:
+        OSError: a rename failed (``path`` is then as it was).
+    """
+    new, path = Path(new), Path(path)
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    try:
+        os.rename(path, old)  # onto the empty folder mkdtemp made: atomic
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class RangeReader:
     """Positional reads of byte ranges of a directory's files, safe to call from many threads.
 
@@ -201,16 +232,21 @@ def read_metadata(storage: Storage) -> CheckpointMetadata:
     """Parse ``metadata.json`` of a checkpoint directory.
 
     Raises:
-        UncommittedCheckpointError: the directory has no (parsable) ``metadata.json``.
-        FormatVersionError: unknown format version.
+        CheckpointNotFoundError: the directory does not exist.
+        UncommittedCheckpointError: the directory has no (readable, parsable) ``metadata.json``.
+        FormatVersionError: unknown format version (a newer one is named as such).
     """
     where = storage.path(METADATA_FILE)
     try:
         text = storage.read_bytes(METADATA_FILE)
     except FileNotFoundError as e:
+        if not storage.fs.exists(storage.root):
+            raise CheckpointNotFoundError(f"checkpoint {storage.url} does not exist") from e
         raise UncommittedCheckpointError(
             f"{storage.url} is not a committed checkpoint: {where} is missing (the save did not finish)"
         ) from e
+    except OSError as e:  # a folder named metadata.json, no permission, ...
+        raise UncommittedCheckpointError(f"cannot read {where}: {e}") from e
     return CheckpointMetadata.from_json(text, where)
 
 
@@ -249,8 +285,11 @@ def resolve_checkpoint(path: str | os.PathLike, *, storage_options: dict | None 
     ``path`` may be a checkpoint directory, a root holding a ``latest`` file, or that ``latest`` file.
 
     Raises:
+        CheckpointNotFoundError: ``path`` (or the directory ``latest`` names) does not exist (a
+            subclass of :class:`UncommittedCheckpointError`).
         UncommittedCheckpointError: the directory (or the one ``latest`` names) is not committed, or
             ``path`` is neither a checkpoint nor a root with ``latest``.
+        FormatVersionError: the checkpoint was written in another format version.
     """
     url = os.fspath(path).rstrip("/")
     store = Storage(url, storage_options)
@@ -260,13 +299,24 @@ def resolve_checkpoint(path: str | os.PathLike, *, storage_options: dict | None 
     if url.endswith("/" + LATEST_FILE) or url == LATEST_FILE:
         root = url[: -len(LATEST_FILE)].rstrip("/") or "."
         store = Storage(root, storage_options)
-    name = read_latest(store.url, storage_options=storage_options)
+    if not store.fs.exists(store.root):
+        raise CheckpointNotFoundError(f"checkpoint {url} does not exist")
+    if store.fs.isfile(store.root):
+        raise UncommittedCheckpointError(f"{url} is a file, not a checkpoint folder (nor a root holding '{LATEST_FILE}')")
+    try:
+        name = read_latest(store.url, storage_options=storage_options)
+    except UnicodeDecodeError:
+        raise UncommittedCheckpointError(f"{store.path(LATEST_FILE)} is not a text file naming a checkpoint") from None
     if name is None:
         raise UncommittedCheckpointError(
             f"{url} is not a committed checkpoint: {store.path(METADATA_FILE)} is missing (the save did not "
             f"finish, or this is not a checkpoint) and there is no '{LATEST_FILE}' file"
         )
     target = store.child(name)
+    if not name or "/" in name or not store.fs.exists(target.root):
+        raise CheckpointNotFoundError(
+            f"{store.path(LATEST_FILE)} names checkpoint {name!r}, but {target.url} does not exist"
+        )
     read_metadata(target)
     return target.url
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from system.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 #: Directory names never descended into by the embedded (standard library) corpus.
@@ -58,6 +60,10 @@ class Corpus:
         )
 
 
+class CorpusNotFoundError(DataError, FileNotFoundError):
+    """``data.path`` (or the embedded corpus's standard library folder) does not exist."""
+
+
 # --------------------------------------------------------------------------------------------
 # splitting
 
@@ -96,11 +102,11 @@ def split_text_tail(text: str, val_fraction: float) -> tuple[str, str]:
     the nominal cut point. Both parts are non-empty.
 
     Raises:
-        ValueError: the text has fewer than 2 characters.
+        DataError: the text has fewer than 2 characters (a ``ValueError``).
     """
     n = len(text)
     if n < 2:
-        raise ValueError(f"cannot split a text of {n} characters into train and validation")
+        raise DataError(f"cannot split a text of {n} characters into train and validation")
     cut = min(max(int(round(n * (1.0 - val_fraction))), 1), n - 1)
     window = max(1, int((n - cut) * _NEWLINE_SEARCH_FRACTION))
     before = text.rfind("\n", max(0, cut - window - 1), cut)  # newline ending at or before cut
@@ -112,19 +118,23 @@ def split_text_tail(text: str, val_fraction: float) -> tuple[str, str]:
 
 
 def _split_docs(
-    name: str, keys: list[str], docs: list[str], val_fraction: float, source: str
+    name: str, keys: list[str], docs: list[str], val_fraction: float, source: str, skipped: str = ""
 ) -> Corpus:
     """A :class:`Corpus` from documents split by a stable hash of their keys.
 
     A single document is split by its tail (:func:`split_text_tail`) instead.
 
     Raises:
-        ValueError: ``docs`` is empty.
+        DataError: ``docs`` is empty (``skipped`` says what was left out, naming the files), or a
+            single document is shorter than 2 characters.
     """
     if not docs:
-        raise ValueError(f"corpus {source!r} has no documents")
+        raise DataError(f"corpus {source!r} has no documents" + (f" ({skipped})" if skipped else ""))
     if len(docs) == 1:
         logger.warning("corpus %s has a single document; splitting its tail for validation", source)
+        if len(docs[0]) < 2:
+            raise DataError(f"corpus {source!r} has a single document of {len(docs[0])} characters ({keys[0]}); "
+                            f"at least 2 are needed to split it into train and validation")
         train, val = split_text_tail(docs[0], val_fraction)
         return Corpus(name=name, train_docs=[train], val_docs=[val])
     is_val = split_by_key(keys, val_fraction)
@@ -138,8 +148,15 @@ def _split_docs(
 
 
 def _read_text(path: Path) -> str | None:
-    """UTF-8 text of a file, or ``None`` when it is binary (not UTF-8, or contains NUL bytes)."""
-    data = path.read_bytes()
+    """UTF-8 text of a file, or ``None`` when it is binary (not UTF-8, or contains NUL bytes).
+
+    Raises:
+        DataError: the file cannot be opened or read (permissions, I/O error; the file is named).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"corpus file {str(path)!r} cannot be read: {e.strerror or e}") from None
     if b"\x00" in data:
         return None
     try:
@@ -148,42 +165,74 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _walk_files(root: Path, *, suffix: str | None = None, excluded_dirs: frozenset[str] = frozenset()) -> list[str]:
+def _walk_error(e: OSError) -> None:
+    raise DataError(f"corpus folder {e.filename!r} cannot be listed: {e.strerror or e}") from None
+
+
+def _walk_files(root: Path, *, suffix: str | None = None, excluded_dirs: frozenset[str] = frozenset(),
+                links: list[str] | None = None) -> list[str]:
     """Relative POSIX paths of the regular files under ``root`` (recursively, sorted, no symlinks).
 
     Directories named in ``excluded_dirs`` are not descended into; with ``suffix`` only file names
-    ending in it are listed.
+    ending in it are listed. Symbolic links (and dangling ones) are not followed; their relative paths
+    are appended to ``links`` when given.
+
+    Raises:
+        DataError: a folder under ``root`` cannot be listed (named).
     """
     rels: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if d not in excluded_dirs]
         for fn in filenames:
             if suffix is not None and not fn.endswith(suffix):
                 continue
             full = os.path.join(dirpath, fn)
-            if os.path.islink(full) or not os.path.isfile(full):
+            if os.path.islink(full):
+                if links is not None:
+                    links.append(Path(os.path.relpath(full, root)).as_posix())
+                continue
+            if not os.path.isfile(full):
                 continue
             rels.append(Path(os.path.relpath(full, root)).as_posix())
     rels.sort()
     return rels
 
 
-def _read_tree(root: Path, rels: list[str]) -> tuple[list[str], list[str]]:
-    """(keys, docs) of the text files ``rels`` under ``root``; binary files are skipped (logged)."""
+def _read_tree(root: Path, rels: list[str], skipped: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(keys, docs) of the text files ``rels`` under ``root``; binary files are skipped (logged, and
+    appended to ``skipped`` when given).
+
+    Raises:
+        DataError: a file cannot be opened or read (named).
+    """
     keys: list[str] = []
     docs: list[str] = []
-    skipped = 0
+    n_skipped = 0
     for rel in rels:
         text = _read_text(root / rel)
         if text is None:
-            skipped += 1
+            n_skipped += 1
+            if skipped is not None:
+                skipped.append(rel)
             logger.debug("skipping non-text file %s", root / rel)
             continue
         keys.append(rel)
         docs.append(text)
-    if skipped:
-        logger.info("skipped %d non-UTF-8/binary files under %s", skipped, root)
+    if n_skipped:
+        logger.info("skipped %d non-UTF-8/binary files under %s", n_skipped, root)
     return keys, docs
+
+
+def _describe_skipped(binary: list[str], links: list[str]) -> str:
+    """``"skipped 2 non-UTF-8/binary files: a.bin, b.bin; 1 symbolic link: c.txt"`` (first five of each)."""
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs[:5]) + (", ..." if len(xs) > 5 else "")
+    parts = []
+    if binary:
+        parts.append(f"{len(binary)} non-UTF-8/binary file(s): {names(binary)}")
+    if links:
+        parts.append(f"{len(links)} symbolic link(s), not followed: {names(links)}")
+    return "skipped " + "; ".join(parts) if parts else "the folder holds no files"
 
 
 def stdlib_root() -> Path:
@@ -204,7 +253,7 @@ def _load_stdlib(val_fraction: float) -> Corpus:
     """The embedded corpus: the standard library's ``.py`` sources, split by file."""
     root = stdlib_root()
     if not root.is_dir():
-        raise FileNotFoundError(f"standard library directory not found: {str(root)!r}")
+        raise CorpusNotFoundError(f"standard library directory not found: {str(root)!r}")
     keys, docs = _stdlib_files(str(root))
     corpus = _split_docs("stdlib", list(keys), list(docs), val_fraction, source=str(root))
     logger.info(
@@ -215,47 +264,75 @@ def _load_stdlib(val_fraction: float) -> Corpus:
 
 
 def _load_text_file(path: Path, val_fraction: float) -> Corpus:
-    """One text file as one document; its tail is the validation split."""
+    """One text file as one document; its tail is the validation split.
+
+    Raises:
+        DataError: the file cannot be read, is not UTF-8 text, or has fewer than 2 characters.
+    """
     text = _read_text(path)
     if text is None:
-        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text")
+        raise DataError(f"corpus file {str(path)!r} is not UTF-8 text")
     if not text:
-        raise ValueError(f"corpus file {str(path)!r} is empty: no documents")
+        raise DataError(f"corpus file {str(path)!r} is empty: no documents")
+    if len(text) < 2:
+        raise DataError(f"corpus file {str(path)!r} has {len(text)} character; at least 2 are needed to split "
+                        f"it into train and validation")
     train, val = split_text_tail(text, val_fraction)
     return Corpus(name=path.name, train_docs=[train], val_docs=[val])
 
 
 def _load_directory(path: Path, val_fraction: float) -> Corpus:
-    """Every text file under a directory, one document each, split by file."""
-    keys, docs = _read_tree(path, _walk_files(path))
-    return _split_docs(path.name, keys, docs, val_fraction, source=str(path))
+    """Every text file under a directory, one document each, split by file.
+
+    Raises:
+        DataError: a file or folder cannot be read, or no text file is left (what was skipped is named).
+    """
+    binary: list[str] = []
+    links: list[str] = []
+    keys, docs = _read_tree(path, _walk_files(path, links=links), binary)
+    if links:
+        logger.info("corpus %s: %d symbolic links not followed: %s", path, len(links), ", ".join(links[:5]))
+    return _split_docs(path.name, keys, docs, val_fraction, source=str(path),
+                       skipped=_describe_skipped(binary, links))
 
 
 def _load_jsonl(path: Path, val_fraction: float) -> Corpus:
     """One document per line of a JSONL file (its ``"text"`` field), split by line index.
 
-    Blank lines are skipped. Raises ``ValueError`` naming the (1-based) line number for a line that
-    is not JSON, not an object, or has no string ``"text"`` field.
+    Blank lines are skipped.
+
+    Raises:
+        DataError: the file cannot be read, is not UTF-8, or a line (its 1-based number is named) is
+            not JSON, not an object, or has no string ``"text"`` field; no documents.
     """
     keys: list[str] = []
     docs: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            lineno = index + 1
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {e}") from e
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise ValueError(f"{path}: line {lineno} has no 'text' field")
-            text = obj["text"]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: line {lineno} 'text' is {type(text).__name__}, not a string")
-            keys.append(str(index))
-            docs.append(text)
+    index = -1
+    try:
+        with open(path, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                if line.strip():
+                    keys.append(str(index))
+                    docs.append(_jsonl_text(path, index + 1, line))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: an invalid byte at or after line {index + 2}") from None
+    except OSError as e:
+        raise DataError(f"corpus file {str(path)!r} cannot be read: {e.strerror or e}") from None
     return _split_docs(path.name, keys, docs, val_fraction, source=str(path))
+
+
+def _jsonl_text(path: Path, lineno: int, line: str) -> str:
+    """The ``"text"`` field of one JSONL line; ``DataError`` naming the file and line otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {lineno} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict) or "text" not in obj:
+        raise DataError(f"{path}: line {lineno} has no 'text' field")
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{path}: line {lineno} 'text' is {type(text).__name__}, not a string")
+    return text
 
 
 def load_corpus(path: str, val_fraction: float = 0.02) -> Corpus:
@@ -271,16 +348,24 @@ def load_corpus(path: str, val_fraction: float = 0.02) -> Corpus:
             Splits by file put about this fraction of files in validation and at least one in each split.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: ``val_fraction`` out of (0, 1); no documents; a JSONL line without ``"text"``.
+        CorpusNotFoundError: ``path`` does not exist, or is a dangling symbolic link (a ``DataError``
+            and a ``FileNotFoundError``).
+        DataError: ``val_fraction`` out of (0, 1); a file or folder that cannot be read (named); a
+            single file that is not UTF-8 text; no documents (what was skipped is named); a JSONL line
+            without ``"text"``. A ``DataError`` is also a ``ValueError``.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if path == "":
         return _load_stdlib(val_fraction)
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"corpus path not found: {path!r}")
+        if p.is_symlink():
+            raise CorpusNotFoundError(f"corpus path {path!r} is a symbolic link to {os.readlink(p)!r}, which "
+                                      f"does not exist")
+        raise CorpusNotFoundError(f"corpus path not found: {path!r} does not exist")
+    if not p.is_dir() and not p.is_file():
+        raise DataError(f"corpus path {path!r} is neither a file nor a folder")
     if p.is_dir():
         corpus = _load_directory(p, val_fraction)
     elif p.suffix.lower() == ".jsonl":
@@ -302,13 +387,13 @@ def byte_unigram_entropy(docs: list[str]) -> float:
     baseline for the loss (in bits) of a byte-level language model.
 
     Raises:
-        ValueError: the documents contain no bytes.
+        DataError: the documents contain no bytes (a ``ValueError``).
     """
     counts = np.zeros(256, dtype=np.int64)
     for doc in docs:
         counts += np.bincount(np.frombuffer(doc.encode("utf-8"), dtype=np.uint8), minlength=256)
     total = int(counts.sum())
     if total == 0:
-        raise ValueError(f"cannot compute the entropy of {len(docs)} documents with 0 bytes")
+        raise DataError(f"cannot compute the entropy of {len(docs)} documents with 0 bytes")
     p = counts[counts > 0] / total
     return float(-(p * np.log2(p)).sum())

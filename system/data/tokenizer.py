@@ -13,6 +13,8 @@ from typing import Union
 
 import numpy as np
 
+from system.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 #: Token names tried, in order, as the end-of-sequence token of a Hugging Face tokenizer.
@@ -30,6 +32,10 @@ def _ids_to_array(ids: Iterable[int] | np.ndarray) -> np.ndarray:
         ids = ids.detach().cpu().numpy()
     arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
     return arr.reshape(-1)
+
+
+class TokenizerNotFoundError(DataError, FileNotFoundError):
+    """The ``tokenizer.json`` named by ``data.tokenizer`` does not exist."""
 
 
 class ByteTokenizer:
@@ -65,8 +71,9 @@ class HFTokenizer:
     ``vocab_size`` is one larger than the file's.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file cannot be parsed as a tokenizer.
+        TokenizerNotFoundError: ``path`` does not exist or is not a file (a ``DataError`` and a
+            ``FileNotFoundError``).
+        DataError: the file cannot be read or parsed as a tokenizer (a ``ValueError``; the file is named).
     """
 
     name: str
@@ -76,11 +83,18 @@ class HFTokenizer:
 
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {str(p)!r}")
+            what = "not found" if not p.exists() else "is not a file"
+            raise TokenizerNotFoundError(f"tokenizer file {what}: {str(p)!r} (data.tokenizer is 'byte' or a tokenizer.json)")
         try:
-            self._tok = Tokenizer.from_file(str(p))
+            raw = p.read_bytes()
+        except OSError as e:
+            raise DataError(f"tokenizer file {str(p)!r} cannot be read: {e.strerror or e}") from None
+        try:
+            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"tokenizer file {str(p)!r} is not UTF-8 JSON (byte {e.start}); is it a tokenizer.json?") from None
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"cannot load Hugging Face tokenizer from {str(p)!r}: {e}") from e
+            raise DataError(f"cannot load Hugging Face tokenizer from {str(p)!r}: {e}") from None
         self.path = str(p)
         self.name = f"hf:{p}"
         base = int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -131,12 +145,12 @@ def build_tokenizer(spec: str) -> Tokenizer:
     """``"byte"`` -> :class:`ByteTokenizer`; anything else is a path to a ``tokenizer.json`` -> :class:`HFTokenizer`.
 
     Raises:
-        ValueError: ``spec`` is empty.
-        FileNotFoundError: the path does not exist.
+        DataError: ``spec`` is empty, or the file cannot be read or parsed (see :class:`HFTokenizer`).
+        TokenizerNotFoundError: the path does not exist (also a ``FileNotFoundError``).
     """
     s = spec.strip()
     if not s:
-        raise ValueError("tokenizer spec is empty; use 'byte' or a path to a tokenizer.json")
+        raise DataError("tokenizer spec is empty; use 'byte' or a path to a tokenizer.json")
     if s == "byte":
         return ByteTokenizer()
     return HFTokenizer(s)

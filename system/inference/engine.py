@@ -26,15 +26,15 @@ import torch
 import torch.nn as nn
 
 from system.config.job import JobConfig
-from system.config.loader import apply_dict
+from system.config.loader import ConfigError, apply_dict
 from system.data.tokenizer import build_tokenizer
 from system.inference.decoder import default_ffn
 from system.inference.expert_cache import ExpertCache, ExpertHost, expert_slot_layout
 from system.inference.loop import GenerationStats, generate_batch
-from system.inference.mmap_file import MmapCheckpoint
+from system.inference.mmap_file import MmapCheckpoint, ModelFilesNotFoundError
 from system.inference.plan import PlanError, check_checkpoint, make_plan, parse_bytes
 from system.inference.ring import EventLog, RingScheduler, SlotRing
-from system.inference.sampling import Sampler, SamplingConfig
+from system.inference.sampling import METHODS, Sampler, SamplingConfig
 from system.inference.sections import (
     ModelLayout, build_skeleton, expected_tensors, pack_section, section_index, split_model,
 )
@@ -53,19 +53,105 @@ def load_job_config(checkpoint_dir: str | Path) -> JobConfig:
     """The ``[model]``, ``[moe]`` and ``[data]`` sections saved beside a model (others are ignored).
 
     Raises:
-        FileNotFoundError: no ``config.json``.
-        ValueError: a value is out of range (the key is named).
+        ModelFilesNotFoundError: the folder or its ``config.json`` does not exist (a
+            ``FileNotFoundError``; a training checkpoint folder is recognised and the export
+            command suggested).
+        ConfigError: ``config.json`` is not a JSON object, or a value is wrong or out of range (the
+            file and the key are named).
     """
-    file = Path(checkpoint_dir) / CONFIG_FILE
+    folder = Path(checkpoint_dir)
+    file = folder / CONFIG_FILE
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ModelFilesNotFoundError(f"model folder {folder} {what} (give a folder with model.safetensors and "
+                                      f"{CONFIG_FILE})")
     if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} at {file}")
-    saved = json.loads(file.read_text())
+        hint = ""
+        if (folder / "metadata.json").is_file() or (folder / "latest").is_file():
+            hint = (f"; {folder} is a training checkpoint: export it first with "
+                    f"`moesys ckpt export {folder} --out DIR` and pass --checkpoint DIR")
+        raise ModelFilesNotFoundError(f"no {CONFIG_FILE} at {file}{hint}")
+    try:
+        saved = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{file} cannot be read: {e.strerror or e}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{file} holds a JSON {type(saved).__name__}, not an object of config sections")
     cfg = JobConfig()
-    apply_dict(cfg, {k: saved[k] for k in ("model", "moe", "data") if k in saved}, source=f"{checkpoint_dir}/config.json")
-    cfg.model.validate()
-    cfg.moe.validate()
+    apply_dict(cfg, {k: saved[k] for k in ("model", "moe", "data") if k in saved}, source=str(file))
+    try:
+        cfg.model.validate()
+        cfg.moe.validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{file}: {e}") from None
     cfg.moe.capacity_factor = 0.0
     return cfg
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a device, checked against this machine.
+
+    Raises:
+        PlanError: not a device string; a device type other than cpu or cuda; CUDA asked for on a
+            torch build or machine without it; ``N`` not below the number of visible GPUs.
+    """
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise PlanError(f"device {spec!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise PlanError(f"device {spec!r} is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise PlanError(f"device {spec!r}: CUDA is not available (torch {torch.__version__}, built with CUDA "
+                        f"{torch.version.cuda or 'none'}, {torch.cuda.device_count()} GPUs visible); use cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise PlanError(f"device {spec!r} does not exist: {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    return dev
+
+
+def check_request(*, max_new_tokens: int, batch_size: int, offload: str, slots: int, expert_cache: int | None,
+                  sampling: str, top_p: float, temperature: float, device: str,
+                  device_memory: str | int | None = None, link_bandwidth: str | float | None = None) -> torch.device:
+    """Check the arguments of a generation request before anything is loaded; returns the device.
+
+    Raises:
+        PlanError: naming the argument (and its ``moesys generate`` flag) and the value received:
+            ``max_new_tokens < 1``, ``batch_size < 1``, an unknown ``offload`` or ``sampling``,
+            ``slots < 1``, ``expert_cache < 1``, ``top_p`` outside (0, 1], ``temperature <= 0``,
+            a ``device_memory`` or ``link_bandwidth`` that is not a size, or a device that is not
+            usable (see :func:`resolve_device`).
+    """
+    def at_least_one(name: str, flag: str, value: int) -> None:
+        if value < 1:
+            raise PlanError(f"{name} ({flag}) must be >= 1, got {value}")
+
+    at_least_one("max_new_tokens", "--max-new-tokens", max_new_tokens)
+    at_least_one("batch_size", "--batch-size", batch_size)
+    if offload not in ("none", "ring", "experts"):
+        raise PlanError(f"offload (--offload) must be one of none, ring, experts, got {offload!r}")
+    if slots < 1:
+        raise PlanError(f"slots (--slots) must be >= 1: the ring needs at least one slot, got slots (K) = {slots}")
+    if expert_cache is not None and expert_cache < 1:
+        raise PlanError(f"expert_cache (--expert-cache) must be >= 1, got expert_cache (C) = {expert_cache}")
+    if sampling not in METHODS:
+        raise PlanError(f"sampling (--sampling) must be one of {', '.join(METHODS)}, got {sampling!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise PlanError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
+    if not temperature > 0.0:
+        raise PlanError(f"temperature (--temperature) must be > 0, got {temperature}")
+    for flag, value in (("--device-memory", device_memory), ("--link-bandwidth", link_bandwidth)):
+        try:
+            parse_bytes(value)
+        except PlanError as e:
+            raise PlanError(f"{flag}: {e}") from None
+    return resolve_device(device)
 
 
 def materialize(skeleton: MoETransformer, ckpt: MmapCheckpoint, load: set[str], device: torch.device,
@@ -142,8 +228,11 @@ class OffloadEngine:
 
     Raises:
         PlanError: the plan cannot run (checkpoint mismatch, K < 1, a section larger than a slot,
-            the budget too small); nothing has been allocated then.
-        FileNotFoundError: no model file or config in ``checkpoint_dir``.
+            the budget too small, a device that is not usable); nothing has been allocated then.
+        ModelFilesNotFoundError: no folder, model file or config (a ``FileNotFoundError``).
+        SafetensorsFileError: the model file is malformed (see :mod:`system.inference.mmap_file`).
+        ConfigError: ``config.json`` is malformed or holds a bad value.
+        DataError: the saved tokenizer cannot be loaded.
     """
 
     def __init__(self, checkpoint_dir: str | Path, *, offload: str = "ring", slots: int = 2, device: str = "cpu",
@@ -155,7 +244,7 @@ class OffloadEngine:
         self._tokenizer = None
         if cfg.vocab_size == 0:
             cfg.vocab_size = -(-self.tokenizer.vocab_size // 64) * 64
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.mode = offload
         self.ckpt = MmapCheckpoint(checkpoint_dir)
         skeleton = build_skeleton(cfg, moe)
@@ -287,16 +376,22 @@ def generate(checkpoint_dir: str | Path, prompts: list[str], max_new_tokens: int
     sequences of the longest prompt + ``max_new_tokens``.
 
     Raises:
-        PlanError: see :class:`OffloadEngine`.
-        ValueError: bad sampling parameters, or a sequence beyond the model's ``max_seq_len``.
+        PlanError: a bad argument (see :func:`check_request`, checked before anything is loaded), no
+            prompts, a sequence beyond the model's ``max_seq_len``, or see :class:`OffloadEngine`.
+        ModelFilesNotFoundError, SafetensorsFileError, ConfigError, DataError: see :class:`OffloadEngine`.
     """
+    check_request(max_new_tokens=max_new_tokens, batch_size=batch_size, offload=offload, slots=slots,
+                  expert_cache=expert_cache, sampling=sampling, top_p=top_p, temperature=temperature, device=device,
+                  device_memory=device_memory, link_bandwidth=link_bandwidth)
+    if not prompts:
+        raise PlanError("no prompts to generate for")
     probe = load_job_config(checkpoint_dir)
     tok = build_tokenizer(probe.data.tokenizer)
     ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
     batch = max(1, min(batch_size, len(ids)))
     seq = max(len(i) for i in ids) + max_new_tokens
     if seq > probe.model.max_seq_len:
-        raise ValueError(f"longest prompt + max_new_tokens = {seq} exceeds model.max_seq_len {probe.model.max_seq_len}")
+        raise PlanError(f"longest prompt + max_new_tokens = {seq} exceeds model.max_seq_len {probe.model.max_seq_len}")
     with OffloadEngine(checkpoint_dir, offload=offload, slots=slots, device=device, device_memory=device_memory,
                        max_batch_size=batch, max_seq_len=seq, link_bandwidth=link_bandwidth,
                        expert_cache=expert_cache) as engine:

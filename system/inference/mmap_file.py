@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from system.errors import MoesysError
+
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -41,43 +43,74 @@ class TensorInfo:
     nbytes: int
 
 
+class SafetensorsFileError(MoesysError, ValueError):
+    """A safetensors file or index cannot be used: truncated, a header or tensor offsets beyond the
+    file, bad JSON, an unknown dtype (names the file and the numbers)."""
+
+
+class ModelFilesNotFoundError(MoesysError, FileNotFoundError):
+    """The model folder does not exist, or holds no ``model.safetensors`` (nor an index)."""
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse the header of one safetensors file.
 
     Raises:
-        ValueError: the file is truncated, the header is not JSON, a dtype is unknown, or a
-            tensor's byte range does not match its shape (the name and the numbers are given).
+        ModelFilesNotFoundError: the file does not exist.
+        SafetensorsFileError: the file cannot be read or is truncated, the header is not JSON (or
+            not an object of tensor entries), a dtype is unknown, or a tensor's byte range does not
+            match its shape or lies outside the file (the name and the numbers are given).
     """
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{file}: not a safetensors file ({size} bytes)")
-        (hlen,) = struct.unpack("<Q", raw)
-        if 8 + hlen > size:
-            raise ValueError(f"{file}: header of {hlen} bytes exceeds the file size {size}")
-        try:
-            header = json.loads(fh.read(hlen))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: bad safetensors header: {e}") from None
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise SafetensorsFileError(f"{file}: not a safetensors file ({size} bytes)")
+            (hlen,) = struct.unpack("<Q", raw)
+            if 8 + hlen > size:
+                raise SafetensorsFileError(f"{file}: header of {hlen} bytes exceeds the file size {size}")
+            text = fh.read(hlen)
+    except FileNotFoundError:
+        raise ModelFilesNotFoundError(f"{file} does not exist") from None
+    except OSError as e:
+        raise SafetensorsFileError(f"{file} cannot be read: {e.strerror or e}") from None
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsFileError(f"{file}: bad safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFileError(f"{file}: bad safetensors header: a JSON {type(header).__name__}, not an object")
     base = 8 + hlen
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        out[name] = _tensor_info(file, name, entry, base, size)
+    return out
+
+
+def _tensor_info(file: Path, name: str, entry, base: int, size: int) -> TensorInfo:
+    """One header entry checked against the file: dtype known, ``end - begin`` the shape's bytes, inside the file."""
+    try:
+        dtype_name = entry["dtype"]
         shape = tuple(int(s) for s in entry["shape"])
         begin, end = (int(x) for x in entry["data_offsets"])
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or base + end > size:
-            raise ValueError(
-                f"{file}: tensor {name!r} {list(shape)} {dtype} needs {nbytes} bytes, header gives "
-                f"[{begin}, {end}) in a data section of {size - base} bytes"
-            )
-        out[name] = TensorInfo(name, dtype, shape, file, base + begin, nbytes)
-    return out
+    except (TypeError, KeyError, ValueError) as e:
+        raise SafetensorsFileError(
+            f"{file}: header entry of tensor {name!r} is malformed ({type(e).__name__}: {e}); it needs dtype, "
+            f"shape and data_offsets [begin, end]"
+        ) from None
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise SafetensorsFileError(f"{file}: tensor {name!r} has unsupported dtype {dtype_name}")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or base + end > size:
+        raise SafetensorsFileError(
+            f"{file}: tensor {name!r} {list(shape)} {dtype} needs {nbytes} bytes, header gives "
+            f"[{begin}, {end}) in a data section of {size - base} bytes"
+        )
+    return TensorInfo(name, dtype, shape, file, base + begin, nbytes)
 
 
 class MmapCheckpoint:
@@ -89,20 +122,24 @@ class MmapCheckpoint:
     never write to them, and keep this object alive while they are used.
 
     Raises:
-        FileNotFoundError: no safetensors file in ``path``.
+        ModelFilesNotFoundError: ``path`` does not exist, or holds no safetensors file (a
+            ``FileNotFoundError``).
+        SafetensorsFileError: a file or the index is malformed (see :func:`read_header`).
     """
 
     def __init__(self, path: str | Path, file_name: str = "model.safetensors"):
         path = Path(path)
+        if not path.is_dir():
+            what = "does not exist" if not path.exists() else "is not a folder"
+            raise ModelFilesNotFoundError(f"model folder {path} {what}")
         single = path / file_name
         if single.is_file():
             files = [single]
         else:
             indexes = sorted(path.glob("*" + INDEX_SUFFIX))
             if not indexes:
-                raise FileNotFoundError(f"no {file_name} or *{INDEX_SUFFIX} in {path}")
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            files = sorted({path / f for f in weight_map.values()})
+                raise ModelFilesNotFoundError(f"no {file_name} or *{INDEX_SUFFIX} in {path}")
+            files = _index_files(path, indexes[0])
         self.path = path
         self.infos: dict[str, TensorInfo] = {}
         for f in files:
@@ -144,3 +181,23 @@ class MmapCheckpoint:
         would be left pointing at unmapped memory.
         """
         self._maps.clear()
+
+
+def _index_files(folder: Path, index: Path) -> list[Path]:
+    """The safetensors files an index's ``weight_map`` names (each inside ``folder``).
+
+    Raises:
+        SafetensorsFileError: the index is not JSON with a ``weight_map`` of file names, or names a
+            file outside ``folder``.
+    """
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SafetensorsFileError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+    files = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise SafetensorsFileError(f"{index}: weight_map names {name!r}, not a file inside {folder}")
+        files.append(folder / name)
+    return files

@@ -15,6 +15,7 @@ planned batch and sequence length keeps alive at once.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from system.config.moe import MoEConfig
 from system.inference.mmap_file import MmapCheckpoint
 from system.inference.sections import ModelLayout, align_up
 from system.errors import MoesysError
+
+logger = logging.getLogger(__name__)
 
 MODES = ("none", "ring", "experts")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -107,7 +110,8 @@ class MemoryPlan:
 
     Attributes:
         mode: ``"none"``, ``"ring"`` or ``"experts"``.
-        slots_requested: K as asked; ``slots``: slots allocated (``min(K, N)`` in ring mode).
+        slots_requested: K (or C) as asked; ``slots``: slots allocated (``min(K, N)`` in ring mode,
+            ``min(C, routed experts over all MoE blocks)`` in experts mode).
         slot_bytes: bytes of one slot (ring: the largest section; experts: one expert).
         resident_bytes: weights that stay on the device.
         kv_cache_bytes, activation_bytes: for ``batch`` sequences of ``seq`` tokens.
@@ -169,7 +173,8 @@ def make_plan(
         elem: bytes per activation element (the weights' dtype).
         budget_bytes: device-memory budget; ``None`` skips the budget check.
         slot_bytes: fixed slot size (default: the largest section / one expert).
-        expert_cache: C, expert slots of the experts mode.
+        expert_cache: C, expert slots of the experts mode (clamped, with a logged warning, to the
+            number of routed experts over all MoE blocks, since that many slots hold every expert).
 
     Raises:
         PlanError: unknown mode; K < 1; C < 1; a section larger than a slot; the budget below the
@@ -215,7 +220,15 @@ def make_plan(
         size = per_expert if slot_bytes is None else slot_bytes
         if per_expert > size:
             raise PlanError(f"one expert ({per_expert} B) is larger than an expert slot of {size} B")
-        plan = MemoryPlan(mode, expert_cache, expert_cache, size, layout.resident_bytes + dense, kv, act,
+        used = expert_cache
+        moe_blocks = [next(t.shape[0] for t in s.tensors if ".moe.experts." in t.name)
+                      for s in layout.sections if any(".moe.experts." in t.name for t in s.tensors)]
+        total = sum(moe_blocks)
+        if 0 < total < expert_cache:  # C slots hold every (block, expert) pair: more would stay empty
+            used = total
+            logger.warning("expert_cache (C) = %d exceeds the %d routed experts of the model (%d MoE blocks); "
+                           "using %d expert slots", expert_cache, total, len(moe_blocks), total)
+        plan = MemoryPlan(mode, expert_cache, used, size, layout.resident_bytes + dense, kv, act,
                           batch, seq, 0, budget_bytes, sizes)
     if budget_bytes is not None and plan.total_bytes > budget_bytes:
         raise PlanError(f"device memory budget {format_bytes(budget_bytes)} is below the plan: {plan.describe()}")
