@@ -432,3 +432,18 @@ def test_train_dry_run_with_a_binary_or_folder_config(tmp_path, capsys) -> None:
                   "not a UTF-8 TOML file", code=2)
     fails_cleanly(["train", "--config", tmp_path, "--dry-run"], capsys, tmp_path, str(tmp_path), "directory",
                   code=2)
+
+
+def test_export_folder_gets_the_usual_permissions(tmp_path: Path) -> None:
+    """Built under mkdtemp (0700) and renamed: the export must end with the modes mkdir/open give."""
+    import os
+    import stat
+
+    from system.checkpoint.model_io import write_model
+
+    out = write_model({"w": torch.zeros(2)}, tmp_path / "export", {"model": {}})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f

@@ -18,7 +18,7 @@ import torch
 
 from system.checkpoint.errors import CheckpointError
 from system.checkpoint.metadata import METADATA_FILE
-from system.checkpoint.storage import Storage, read_metadata, swap_in_dir
+from system.checkpoint.storage import Storage, apply_umask, read_metadata, swap_in_dir
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def import_dcp(dcp_dir: str | os.PathLike, out_path: str | os.PathLike, *, extra
         raise CheckpointError(f"cannot create the checkpoint folder {path}: {e}") from None
     try:
         save(state, tmp, **kwargs)
+        apply_umask(tmp)
         if replace:
             swap_in_dir(tmp, path)
         else:

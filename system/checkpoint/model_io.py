@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from system.checkpoint.errors import CheckpointError, ExportTargetError, ModelFileError, ModelNotFoundError
-from system.checkpoint.storage import swap_in_dir
+from system.checkpoint.storage import apply_umask, swap_in_dir
 from system.moe.experts import ExpertModule
 from system.parallel.expert_parallel import gather_experts
 
@@ -220,6 +220,7 @@ def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict
         marker = {"producer": EXPORT_PRODUCER, "format": "safetensors", "created_unix_s": time.time(),
                   "files": [MODEL_FILE, CONFIG_FILE]}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2))
+        apply_umask(tmp)
         for f in tmp.iterdir():
             _fsync_path(f)
         _fsync_path(tmp)

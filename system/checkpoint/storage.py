@@ -146,6 +146,23 @@ class Storage:
         self.fs.rm(self.root, recursive=True)
 
 
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and its files the modes a plain ``mkdir``/``open`` would have (0777/0666 less the umask).
+
+    ``tempfile.mkdtemp`` makes its folder 0700 (and some writers make their files 0600); a folder built
+    under a temporary name and renamed into place must not stay private to its writer.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask)
+        elif f.is_dir() and not f.is_symlink():
+            os.chmod(f, 0o777 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def swap_in_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
     """Replace the local folder ``path`` by the folder ``new`` (a sibling on the same file system).
 
