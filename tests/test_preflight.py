@@ -202,9 +202,15 @@ def test_lock_of_the_same_job_or_a_recycled_pid_is_taken_over(tmp_path: Path) ->
     run.mkdir()
     me = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": "job-1", "since": time.time()}
     (run / LOCK_FILE).write_text(json.dumps(me))
-    check_unlocked(run, "job-1")  # this job's own (another node, an earlier attempt)
+    with pytest.raises(RunFolderError):  # a live process here under the same id: another job reusing it
+        check_unlocked(run, "job-1")
     with pytest.raises(RunFolderError):
         check_unlocked(run, "job-2")
+    (run / LOCK_FILE).write_text(json.dumps({**me, "host": "node7"}))
+    check_unlocked(run, "job-1")  # this job's own lock from another node: a restart takes it over
+    with pytest.raises(RunFolderError):
+        check_unlocked(run, "job-2")  # a fresh lock of another job on another node
+    (run / LOCK_FILE).write_text(json.dumps(me))
     # The same pid with another start time is a recycled pid: the holder is gone.
     (run / LOCK_FILE).write_text(json.dumps({**me, "start_time": 1}))
     check_unlocked(run, "job-2")

@@ -11,7 +11,9 @@ leaves a *stale* lock, which the next job takes over:
   (a recycled pid is told apart by its start time, read from ``/proc/<pid>/stat``);
 - from another host the process cannot be seen, so the holder refreshes the lock's mtime every
   :data:`HEARTBEAT_S` seconds and the lock is stale once it is older than :data:`STALE_AFTER_S`;
-- a lock holding this job's own id (a worker-group restart after a failure) is taken over at once.
+- a lock holding this job's own id (a worker-group restart after a failure, rank 0 now on another
+  node) is taken over unless its process still runs on this host (another job that reused the id:
+  ``--rdzv-id`` defaults to ``moesys``).
 
 Taking over renames the stale file to a unique name first (only one contender's rename succeeds),
 then creates the lock with ``O_EXCL`` again, so two jobs racing for a stale lock never both win.
@@ -75,6 +77,13 @@ class LockHolder:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         return f"pid {self.pid} on host {self.host} (job {self.job_id}, since {when})"
 
+    def blocks(self, job_id: str | None, mtime: float) -> bool:
+        """Whether this holder keeps job ``job_id`` out: it runs, and it is not this job's own lock
+        held from another host (which a restart takes over; the holder there was stopped by its agent)."""
+        if not self.pid or not self.is_alive(mtime):
+            return False
+        return not (job_id is not None and self.job_id == job_id and self.host != socket.gethostname())
+
     def is_alive(self, mtime: float) -> bool:
         """Whether the holding process still runs (see the module docstring for how it is told)."""
         if self.host == socket.gethostname():
@@ -116,9 +125,7 @@ def check_unlocked(folder: str | os.PathLike, job_id: str | None = None) -> None
     if found is None:
         return
     holder, mtime = found
-    if job_id is not None and holder.job_id == job_id:
-        return
-    if holder.pid and holder.is_alive(mtime):
+    if holder.blocks(job_id, mtime):
         raise RunFolderError(
             f"run folder {folder} is in use by {holder.describe()}; stop that job first, or choose another "
             f"--metrics.run_dir"
@@ -163,7 +170,9 @@ class RunLock:
             if found is None:
                 continue  # released between our attempt and the read
             holder, mtime = found
-            if holder.job_id != self.job_id and holder.pid and holder.is_alive(mtime):
+            if holder.pid == os.getpid() and holder.job_id == self.job_id:
+                pass  # our own lock (acquired twice): take it over
+            elif holder.blocks(self.job_id, mtime):
                 raise RunFolderError(
                     f"run folder {self.folder} is in use by {holder.describe()}; stop that job first, or choose "
                     f"another --metrics.run_dir"
