@@ -4,7 +4,7 @@
   i.e. the ``moesys train`` process) dies, even by SIGKILL (``prctl(PR_SET_PDEATHSIG)``, Linux; a
   no-op elsewhere). A rank whose parent is already gone exits at once.
 - :func:`install_sigterm_handler`: SIGTERM (Slurm or a cloud preempting the node, the agent shutting
-  the job down, the parent-death signal) only sets a flag, :func:`preempt_requested`; the trainer
+  the job down, the parent-death signal) or SIGINT (Ctrl-C forwarded by the agent) only sets a flag, :func:`preempt_requested`; the trainer
   shares it with every rank in the step's one all-reduce, so all ranks stop after the same step,
   commit a checkpoint of it, and exit with :data:`PREEMPTED_EXIT`. A rank that is still alive
   :data:`SHUTDOWN_GRACE_S` seconds after the SIGTERM (stuck in a collective with a dead peer) exits
@@ -33,6 +33,7 @@ torchrun agent waits as long before it sends SIGKILL (``--shutdown-timeout``).""
 
 _PR_SET_PDEATHSIG = 1
 _requested = threading.Event()
+_signal_name = ["SIGTERM"]
 
 
 class Preempted(Exception):
@@ -75,9 +76,10 @@ def _alive(pid: int) -> bool:
 def _on_sigterm(signum: int, _frame) -> None:
     if _requested.is_set():
         return
+    _signal_name[0] = signal.Signals(signum).name
     _requested.set()
-    logger.warning("SIGTERM: committing a checkpoint of the current step, then stopping (%d s grace)",
-                   SHUTDOWN_GRACE_S)
+    logger.warning("%s: committing a checkpoint of the current step, then stopping (%d s grace)",
+                   _signal_name[0], SHUTDOWN_GRACE_S)
     timer = threading.Timer(SHUTDOWN_GRACE_S, _give_up)
     timer.daemon = True
     timer.start()
@@ -90,13 +92,23 @@ def _give_up() -> None:
 
 
 def install_sigterm_handler() -> bool:
-    """Route SIGTERM to :func:`preempt_requested` (main thread only); returns whether it was installed."""
+    """Route SIGTERM and SIGINT to :func:`preempt_requested` (main thread only); returns whether installed.
+
+    SIGINT is what torchrun's agent forwards when the launcher gets Ctrl-C: it stops the job the same
+    way, with a checkpoint of the current step, rather than with a ``KeyboardInterrupt`` traceback per rank.
+    """
     if threading.current_thread() is not threading.main_thread():
         return False
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigterm)
     return True
 
 
 def preempt_requested() -> bool:
-    """Whether this process received SIGTERM."""
+    """Whether this process received SIGTERM (or SIGINT)."""
     return _requested.is_set()
+
+
+def stop_signal_name() -> str:
+    """The name of the signal that asked this process to stop (``SIGTERM`` unless it was SIGINT)."""
+    return _signal_name[0]

@@ -35,7 +35,7 @@ from system.models.model import MoETransformer
 from system.models.parallelize import parallelize_model
 from system.parallel.grads import clip_grad_norm_, sync_gradients
 from system.errors import DataError, RunFolderError
-from system.train.lifecycle import Preempted, preempt_requested
+from system.train.lifecycle import Preempted, preempt_requested, stop_signal_name
 from system.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from system.train.optim import build_lr_scheduler, build_optimizer
 from system.train.preflight import check_resume_model, checkpoint_root, default_run_dir
@@ -476,8 +476,8 @@ class Trainer:
         self.ckpt.close()
         self.metrics.close()
         where = f"{self.ckpt.root.rstrip('/')}/{step_dir_name(self.step)}"
-        raise Preempted(f"preempted (SIGTERM) after step {self.step}: checkpoint {where} committed; continue "
-                        f"with --checkpoint.resume latest")
+        raise Preempted(f"preempted ({stop_signal_name()}) after step {self.step}: checkpoint {where} committed; "
+                        f"continue with --checkpoint.resume latest")
 
     def _set_collective_timeout(self, seconds: int) -> None:
         """Set the timeout of the training groups (the default group and the mesh's); every rank calls it
