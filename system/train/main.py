@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e)
         code = 2
     except Exception as e:  # noqa: BLE001 - classify, then report
-        if not _is_comm_failure(e):
+        if not _is_comm_failure(e):  # a bug: the whole traceback
+            traceback.print_exc()
             _write_error_file(f"{type(e).__name__}: {e}", e)
-            raise
+            return 1
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = f"a collective failed, so a peer rank died, hung or was stopped ({type(e).__name__}: {first})"
         code = 2
@@ -95,5 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``; after a failure without waiting for background threads.
+
+    A rank that failed may still have a checkpoint save in flight, blocked in the checkpoint group's
+    collective on a peer that died or hangs (its timeout is long: slow storage is not a failure); the
+    interpreter's normal exit would join that thread and keep the rank alive. A failed rank exits now:
+    an unfinished save is uncommitted, which the commit protocol makes harmless.
+    """
+    if code == 0:
+        sys.exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
