@@ -14,6 +14,14 @@ ByteCheckpoint section 4.1 (asynchronous pipeline) and 4.3 (commit). A save has 
 
 A new save first waits for the previous one (the staging buffer is reused, and checkpoint collectives
 must not interleave).
+
+Test-only fault injection (the sibling of ``MOESYS_FAULT_INJECT`` in :mod:`system.cluster.ray_worker`):
+``MOESYS_FAULT_CKPT_WRITE_DELAY_S=SECONDS`` in a rank's environment makes stage 3 sleep that long after
+the rank's data file is written and before the commit barrier, on every save;
+``SECONDS@NAME[,NAME...]`` only on saves to a directory named ``NAME`` (e.g. ``1.5@step_00000040``).
+For that long the step directory holds data files and no ``metadata.json`` (uncommitted), so a chaos
+controller (``benchmarks/chaos.py``) can observe a save in flight and kill a worker during it,
+deterministically. Unset or empty: no delay. Never set it outside tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -43,6 +51,34 @@ logger = logging.getLogger(__name__)
 
 _TEST_HOOKS: dict[str, Callable[[int], None]] = {}
 """Test-only hooks, called with the rank: ``"after_data"`` once this rank's data file is written."""
+
+FAULT_WRITE_DELAY_ENV = "MOESYS_FAULT_CKPT_WRITE_DELAY_S"
+"""Test-only: ``SECONDS[@NAME,...]`` to sleep between writing this rank's data file and the commit
+barrier, on every save or on saves to the directories named (module docstring)."""
+
+
+def _fault_write_delay_s(url: str) -> float:
+    """The delay :data:`FAULT_WRITE_DELAY_ENV` asks for a save to ``url`` (0 when unset, empty or not named).
+
+    Raises:
+        ValueError: not ``SECONDS`` or ``SECONDS@NAME[,NAME...]`` with a finite number of seconds >= 0 (the
+            save then fails on every rank, uncommitted).
+    """
+    text = os.environ.get(FAULT_WRITE_DELAY_ENV, "").strip()
+    if not text:
+        return 0.0
+    seconds, at, names = text.partition("@")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf") or (at and not names.strip()):
+        raise ValueError(f"{FAULT_WRITE_DELAY_ENV} must be SECONDS or SECONDS@NAME[,NAME...] with SECONDS >= 0, "
+                         f"got {text!r}")
+    if at and _parent(url)[1] not in {n.strip() for n in names.split(",")}:
+        return 0.0
+    return value
+
 
 State = Mapping[str, "ShardedEntry | torch.Tensor"]
 
@@ -336,6 +372,11 @@ class AsyncCheckpointer:
                     crcs = crc_job.result()  # never leave the thread reading a buffer the next save refills
             if "after_data" in _TEST_HOOKS:
                 _TEST_HOOKS["after_data"](comm.rank)
+            delay = _fault_write_delay_s(storage.url)
+            if delay:  # test-only: hold the save uncommitted (data files written, no metadata.json)
+                logger.warning("checkpoint: %s=%g: rank %d holds %s uncommitted", FAULT_WRITE_DELAY_ENV, delay,
+                               comm.rank, storage.url)
+                time.sleep(delay)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             logger.exception("checkpoint: rank %d failed writing %s", comm.rank, storage.url)
             error = f"rank {comm.rank}: {type(e).__name__}: {e}"
