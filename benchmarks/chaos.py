@@ -957,7 +957,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "job_overrides": job_overrides(args.steps, args.interval, args.train_timeout),
         "reference_losses": {str(k): v for k, v in sorted(reference.items())},
         "runs": runs,
-        "checks": {n: checks(r, args.interval) for n, r in runs.items() if n != "torchrun_stop_in_save"},
+        "checks": {n: checks(r, args.interval) for n, r in runs.items()},
         "seconds": time.time() - t0,
         "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "command": " ".join(["python benchmarks/chaos.py", *sys.argv[1:]]),

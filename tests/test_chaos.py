@@ -88,3 +88,13 @@ def test_ray_survives_kill_mid_save_and_hang(reference: dict[int, float], tmp_pa
     run = chaos.run_ray(args, tmp_path, kinds, reference)
     _check_run(run, kinds)
     assert run["cluster_processes_left"] == [], run["cluster_processes_left"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_torchrun_recovers_from_a_hang_during_a_save(reference: dict[int, float], tmp_path: Path) -> None:
+    """A rank SIGSTOPped while a checkpoint save is in flight: the peer's collective times out, it exits at
+    once (its save thread, blocked on the stopped rank, must not keep it alive), and the job restarts."""
+    args = chaos.parse_args([*ARGS, "--hang-watch", "180"])
+    run = chaos.run_torchrun(args, tmp_path, [], reference, "torchrun_stop_in_save")
+    _check_run(run, ["sigstop_mid_save"])
