@@ -84,8 +84,12 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    free_port, host_info, markdown_table, package_versions, setup_logging, write_json, write_text,
+    free_port, host_info, package_versions, setup_logging, write_json, write_text,
 )
+from benchmarks.chaos_procs import (  # noqa: E402
+    TOKEN_ENV, _cmdline, _ppid_and_state, _read, end_processes, processes_with_token, ray_workers, torchrun_workers,
+)
+from benchmarks.chaos_report import _fmt, checks, render_markdown  # noqa: E402
 from system.checkpoint import verify  # noqa: E402
 from system.checkpoint.errors import CheckpointError  # noqa: E402
 from system.checkpoint.writer import FAULT_WRITE_DELAY_ENV  # noqa: E402
@@ -96,9 +100,6 @@ logger = logging.getLogger("benchmarks.chaos")
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/cpu-tiny.toml"
 WORLD = 2  # the tiny config: EP=2 over 2 ranks
-TOKEN_ENV = "MOESYS_CHAOS_TOKEN"
-"""Set in the environment of everything the controller starts (launchers, raylets), inherited by the
-workers: the controller finds the job's processes by it (``/proc/<pid>/environ``) and ends only those."""
 POLL_S = 0.01
 SCENARIOS = ("torchrun", "ray", "torchrun_stop_in_save")
 KINDS = ("sigkill", "sigkill_mid_save", "sigstop", "sigterm")
@@ -120,99 +121,6 @@ def job_overrides(steps: int, interval: int, train_timeout_s: int) -> list[str]:
         "--checkpoint.interval", str(interval), "--checkpoint.keep_last", "0", "--checkpoint.save_final", "false",
         "--comm.train_timeout_seconds", str(train_timeout_s),
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# processes (Linux /proc)
-
-
-def _read(path: str, binary: bool = False):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return data if binary else data.decode(errors="replace")
-    except OSError:
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    return (_read(f"/proc/{pid}/cmdline", binary=True) or b"").replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def _ppid_and_state(pid: int) -> tuple[int, str] | None:
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[1]), fields[0]
-
-
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def processes_with_token(token: str) -> list[int]:
-    """Live processes (zombies excluded) whose environment holds ``MOESYS_CHAOS_TOKEN=token``."""
-    needle = f"{TOKEN_ENV}={token}".encode()
-    out = []
-    for pid in _pids():
-        raw = _read(f"/proc/{pid}/environ", binary=True)
-        if raw and needle in raw.split(b"\0"):
-            st = _ppid_and_state(pid)
-            if st is not None and st[1] != "Z":
-                out.append(pid)
-    return sorted(out)
-
-
-def torchrun_workers(launcher_pid: int) -> list[tuple[int, str]]:
-    """``(pid, "rank N")`` of the running training ranks: children of the launcher running ``system.train.main``
-    (stopped and zombie processes left out)."""
-    out = []
-    for pid in _pids():
-        st = _ppid_and_state(pid)
-        if st and st[0] == launcher_pid and st[1] not in "TtZ" and "system.train.main" in _cmdline(pid):
-            env = (_read(f"/proc/{pid}/environ", binary=True) or b"").split(b"\0")
-            rank = next((e[5:].decode() for e in env if e.startswith(b"RANK=")), "?")
-            out.append((pid, f"rank {rank}"))
-    return sorted(out)
-
-
-def ray_workers(token: str, include_stopped: bool = False) -> list[tuple[int, str]]:
-    """``(pid, "node N")`` of Ray Train's worker actors (``ray::RayTrainWorker...``) of this cluster; the
-    node is the index of the worker's raylet in start order (0: the head). Ray sets ``RANK`` inside the
-    process, so ``/proc`` does not show it."""
-    mine = processes_with_token(token)
-    raylets = sorted(p for p in mine if "raylet/raylet" in _cmdline(p))
-    out = []
-    for pid in mine:
-        cmd = _cmdline(pid)
-        st = _ppid_and_state(pid)
-        if st and cmd.startswith("ray::") and "TrainWorker" in cmd and (include_stopped or st[1] not in "TtZ"):
-            node = raylets.index(st[0]) if st[0] in raylets else "?"
-            out.append((pid, f"node {node}"))
-    return out
-
-
-def end_processes(pids: list[int], grace_s: float = 10.0) -> list[int]:
-    """SIGTERM ``pids`` (SIGCONT too: a stopped one could not act on it), SIGKILL those left after
-    ``grace_s``; returns the pids that had to be SIGKILLed."""
-    for pid in pids:
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace_s
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if (_ppid_and_state(p) or (0, "Z"))[1] != "Z"]
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return alive
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,128 +678,12 @@ def run_ray(args: argparse.Namespace, work: Path, kinds: list[str], reference: d
 # checks, results
 
 
-def checks(run: dict[str, Any], interval: int) -> dict[str, bool]:
-    """The issue's requirements for one chaos run, each met or not."""
-    fired = [f for f in run["failures"] if f["fired"]]
-    ck = run["checkpoints"]
-    return {
-        "exit code 0": run["exit_code"] == 0 and not run["aborted"],
-        "every fault fired and the job recovered": run["all_recovered"],
-        "steps recomputed per failure <= one interval": all(f.get("steps_recomputed", 1 << 30) <= interval
-                                                            for f in fired),
-        "steps recomputed <= interval + steps run while an interrupted save was in flight":
-            all(f.get("steps_recomputed", 1 << 30) <= f.get("recompute_bound", -1) for f in fired),
-        "resumed from the newest committed checkpoint": all(f.get("resumed_from_newest") for f in fired),
-        "SIGTERM lost no step": all(f.get("steps_recomputed") == 0 for f in fired if f["kind"] == "sigterm"),
-        "0 checkpoints corrupted or lost": not ck["corrupted"] and not ck["lost"],
-        "latest names a committed checkpoint": ck["latest_is_committed"],
-        "final losses equal the uninterrupted run's (1e-6 relative)": run["losses"]["equal_within_1e-6"],
-        "no worker alive after the job": not run["workers_left"],
-    }
-
-
 def _git(*argv: str) -> str | None:
     try:  # read-only: --no-optional-locks keeps ``status`` from touching the index
         return subprocess.run(["git", "--no-optional-locks", *argv], cwd=ROOT, capture_output=True, text=True,
                               timeout=30, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _fmt(x: Any, nd: int = 1) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-    """The results as markdown: per run a summary, a row per fault, the checks; the probe; provenance."""
-    cfg = result["config"]
-    lines = [
-        f"# Chaos run ({result['device']}{cfg['tag']})", "",
-        f"{result['date']}. Tiny config (d=64, 2 layers, 8 experts top-2, seq 64, batch 4 per rank), 2 ranks "
-        f"(EP=2, Gloo), {cfg['steps']} steps, checkpoint every {cfg['interval']} steps (asynchronous; the save a "
-        f"mid-save fault targets is held {cfg['save_delay']:g} s uncommitted by `{FAULT_WRITE_DELAY_ENV}`), "
-        f"collective timeout after the first step {cfg['train_timeout']} s, seed {cfg['seed']}. Reference: the same "
-        f"job without faults "
-        f"({len(result['reference_losses'])} steps).", "",
-    ]
-    for name, run in result["runs"].items():
-        probe = name == "torchrun_stop_in_save"
-        lines += [f"## {name}: {run['launcher']}", ""]
-        if not probe:
-            ck, lo = run["checkpoints"], run["losses"]
-            fired = [f for f in run["failures"] if f["fired"]]
-            rec = [f["steps_recomputed"] for f in fired if "steps_recomputed" in f]
-            lines += [markdown_table(
-                ["exit", "wall s", "steps", "steps computed", "goodput", "attempts", "max recomputed",
-                 "ckpts committed / verified", "corrupted", "lost", "latest", "losses vs reference",
-                 "workers left"],
-                [[run["exit_code"], _fmt(run["seconds"], 0), run["completed_steps"], run["steps_computed"],
-                  _fmt(run["goodput"], 3), len(run["attempts"]), max(rec, default="-"),
-                  f"{len(ck['committed'])} / {len(ck['verified_ok'])}", len(ck["corrupted"]), len(ck["lost"]),
-                  f"step {ck['latest']}" + ("" if ck["latest_is_committed"] else " (NOT committed)"),
-                  ("bitwise equal" if lo["bitwise_equal"] else f"max rel diff {_fmt(lo['max_rel_diff'], 2)}")
-                  + (f", {len(lo['missing_steps'])} steps missing" if lo["missing_steps"] else ""),
-                  len(run["workers_left"])]]), ""]
-        rows = []
-        for f in run["failures"]:
-            if not f["fired"]:
-                rows.append([f["kind"], f["target_step"], "-", "not fired"] + ["-"] * 7)
-                continue
-            rows.append([f["kind"], f["last_step_before"], f["victim"],
-                         f"step {f['save_in_flight']}" if f["save_in_flight"] is not None else "no",
-                         _fmt(f.get("detected_s")), _fmt(f.get("restart_loaded_s")), _fmt(f.get("recovery_s")),
-                         _fmt(f.get("resumed_at")), _fmt(f.get("steps_recomputed")),
-                         _fmt(f.get("resumed_from_newest")), _fmt(f.get("recovered"))])
-        lines += [markdown_table(
-            ["fault", "after step", "victim", "save in flight", "hang reported s", "restart loaded s",
-             "first step after s", "resumed at", "recomputed", "from newest ckpt", "recovered"], rows), ""]
-        if probe:
-            lines += [_probe_text(run, cfg), ""]
-        else:
-            lines += ["Checks: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}"
-                                             for k, v in result["checks"][name].items()) + ".", ""]
-            mids = [f for f in run["failures"] if f["kind"] == "sigkill_mid_save" and f.get("recovered")]
-            for f in mids:
-                lines += [f"Mid-save kill: step {f['save_in_flight']}'s directory held data files and no metadata.json "
-                          f"when the signal went; at the restart it was "
-                          f"{'committed' if f['interrupted_save_committed_at_restart'] else 'still uncommitted'}, "
-                          f"`latest` named step {f['latest_at_restart']}, and the job resumed at step "
-                          f"{f['resumed_at']}.", ""]
-    lines += [
-        "Columns: times are seconds from the signal (seen by the controller, polling every 10 ms); "
-        "*hang reported*: the launcher's line that a collective timed out; *restart loaded*: the new attempt's "
-        "resume marker (written after its checkpoint is loaded); *first step after*: its first logged step. "
-        "*Recomputed*: last step the failed attempt logged minus the step the next attempt resumed from. "
-        "*Goodput*: steps of the finished run / steps logged by all attempts.", "",
-        f"- Commit: {result['commit']}" + (" (working tree with uncommitted changes)" if result["dirty"] else ""),
-        f"- Command: `{result['command']}`",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        f"- Host: {result['host']['cpu_model']}, {result['host']['logical_cpus']} CPUs (shared)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _probe_text(run: dict[str, Any], cfg: dict[str, Any]) -> str:
-    f = run["failures"][0]
-    if not f["fired"]:
-        return f"The probe's SIGSTOP did not fire ({run['aborted']})."
-    text = f"SIGSTOP of {f['victim']} while step {f['save_in_flight']}'s save was held uncommitted. "
-    if f.get("detected_s") is not None:
-        text += f"The launcher reported a collective timeout {f['detected_s']:.1f} s after the signal. "
-    if f.get("recovered"):
-        return text + f"The job restarted and logged a step {f['recovery_s']:.1f} s after the signal."
-    alive = ", ".join(f"pid {p['pid']} in state {p['state']} "
-                      f"({'training rank' if 'system.train.main' in p['cmd'] else 'launcher'})"
-                      for p in run["alive_at_abort"])
-    return text + (f"No step followed within {cfg['hang_watch']:g} s of the signal; alive when the controller then "
-                   f"ended the job (/proc states: S sleeping, T stopped): {alive or 'none'}.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

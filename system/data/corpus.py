@@ -314,7 +314,7 @@ def _load_jsonl(path: Path, val_fraction: float) -> Corpus:
                 if line.strip():
                     keys.append(str(index))
                     docs.append(_jsonl_text(path, index + 1, line))
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text: an invalid byte at or after line {index + 2}") from None
     except OSError as e:
         raise DataError(f"corpus file {str(path)!r} cannot be read: {e.strerror or e}") from None
