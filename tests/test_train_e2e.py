@@ -28,6 +28,10 @@ def _train(tmp_path: Path, *extra: str) -> tuple[dict, list[dict]]:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== summary ==" in proc.stdout
+    # Progress in the units of the summary: the intermediate validation loss, then each final phase.
+    for line in ("step 8: val loss ", "bits/byte (train ", "step 12: val loss ", "exporting the model to",
+                 "exported the model", "sampling 8 tokens greedily"):
+        assert line in proc.stderr, (line, proc.stderr[-3000:])
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
