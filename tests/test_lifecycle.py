@@ -209,3 +209,21 @@ def test_worker_error_is_one_line_per_rank(tmp_path: Path) -> None:
     assert str(data) in per_rank[0]
     assert lines[-1].startswith("error: ") and str(data) in lines[-1] and "2 rank(s) failed" in lines[-1]
     assert not any("Traceback" in ln or "ChildFailedError" in ln for ln in lines), proc.stderr
+
+
+def test_plain_torchrun_workers_refuse_a_folder_with_an_earlier_run(tmp_path: Path) -> None:
+    """Started without the launcher's checks (plain torchrun, as launchers/torchrun.sh does), the workers
+    themselves refuse a fresh start over an earlier run: every rank says so in one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = (run / "metrics.jsonl").read_bytes()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           "-m", "system.train.main", "--config", str(ROOT / "configs/cpu-tiny.toml"), *SMALL,
+           "--training.steps", "2", "--metrics.run_dir", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    lines = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error: [rank"))
+    assert len(lines) == 2 and all("holds an earlier run" in ln and "--checkpoint.overwrite true" in ln
+                                   for ln in lines), proc.stderr[-3000:]
+    assert (run / "metrics.jsonl").read_bytes() == before and not (run / ".moesys.lock").exists()

@@ -30,7 +30,7 @@ from system.config.compat import describe_mismatch, model_config_diff
 from system.config.job import JobConfig
 from system.config.loader import ConfigError
 from system.errors import DataError, RunFolderError
-from system.train.run_folder import check_unlocked, earlier_run
+from system.train.run_folder import check_unlocked, earlier_run, earlier_run_error
 
 
 def default_run_dir(cfg: JobConfig) -> str:
@@ -228,11 +228,7 @@ def check_run_folder(cfg: JobConfig, run_dir: str, *, job_id: str | None, restar
         return
     found = earlier_run(run_dir, root)
     if found:
-        raise RunFolderError(
-            f"run folder {run_dir} holds an earlier run ({'; '.join(found)}). To continue it pass "
-            f"--checkpoint.resume latest; to keep it and start anew pass a new --metrics.run_dir; to delete "
-            f"it and start anew pass --checkpoint.overwrite true"
-        )
+        raise earlier_run_error(run_dir, found)
 
 
 def preflight(cfg: JobConfig, run_dir: str, *, world_sizes: Sequence[int] | None = None, how: str = "",

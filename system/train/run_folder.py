@@ -256,6 +256,15 @@ def earlier_run(run_dir: str | os.PathLike, checkpoint_root: str) -> list[str]:
     return found
 
 
+def earlier_run_error(run_dir: str | os.PathLike, found: list[str]) -> RunFolderError:
+    """The error for a fresh start in a folder holding :func:`earlier_run`'s ``found``, naming the ways out."""
+    return RunFolderError(
+        f"run folder {run_dir} holds an earlier run ({'; '.join(found)}). To continue it pass "
+        f"--checkpoint.resume latest; to keep it and start anew pass a new --metrics.run_dir; to delete it and "
+        f"start anew pass --checkpoint.overwrite true"
+    )
+
+
 def clear_earlier_run(run_dir: str | os.PathLike, checkpoint_root: str) -> list[str]:
     """Delete what :func:`earlier_run` lists, plus ``tb/`` (``checkpoint.overwrite``).
 

@@ -39,7 +39,7 @@ from system.train.lifecycle import Preempted, preempt_requested, stop_signal_nam
 from system.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from system.train.optim import build_lr_scheduler, build_optimizer
 from system.train.preflight import check_resume_model, checkpoint_root, default_run_dir
-from system.train.run_folder import RunLock, clear_earlier_run, earlier_run
+from system.train.run_folder import RunLock, clear_earlier_run, earlier_run, earlier_run_error
 
 logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -223,11 +223,7 @@ class Trainer:
                     logger.warning("checkpoint.overwrite: deleted the earlier run in %s: %s", self.run_dir,
                                    ", ".join(deleted))
                 elif found:
-                    raise RunFolderError(
-                        f"run folder {self.run_dir} holds an earlier run ({'; '.join(found)}). To continue it "
-                        f"pass --checkpoint.resume latest; to keep it and start anew pass a new --metrics.run_dir; "
-                        f"to delete it and start anew pass --checkpoint.overwrite true"
-                    )
+                    raise earlier_run_error(self.run_dir, found)
             except RunFolderError as e:
                 error = str(e)
         if self.world > 1:
