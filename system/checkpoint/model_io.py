@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from system.checkpoint.errors import CheckpointError, ExportTargetError, ModelFileError, ModelNotFoundError
-from system.checkpoint.storage import apply_umask, swap_in_dir
+from system.checkpoint.storage import apply_umask, fsync_path, swap_in_dir
 from system.moe.experts import ExpertModule
 from system.parallel.expert_parallel import gather_experts
 
@@ -174,14 +174,6 @@ def check_export_target(path: str | Path, overwrite: bool) -> bool:
     return True
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict, *, overwrite: bool = False) -> Path:
     """Write full tensors as ``path/model.safetensors`` + ``path/config.json`` (one process).
 
@@ -222,13 +214,13 @@ def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2))
         apply_umask(tmp)
         for f in tmp.iterdir():
-            _fsync_path(f)
-        _fsync_path(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         if replace:
             swap_in_dir(tmp, path)
         else:
             os.rename(tmp, path)  # fails (ENOTEMPTY/ENOTDIR) rather than clobber anything created meanwhile
-        _fsync_path(parent)
+        fsync_path(parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):

@@ -125,11 +125,7 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path(name))
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(self.root)
         else:
             self.fs.pipe_file(self.path(name), data)
 
@@ -144,6 +140,15 @@ class Storage:
         """Delete the directory: ``metadata.json`` first, so a half-finished delete is uncommitted, not corrupt."""
         self.remove(METADATA_FILE)
         self.fs.rm(self.root, recursive=True)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a local file or folder by path (a folder: so that renames and new entries in it are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def apply_umask(folder: str | os.PathLike) -> None:

@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 
+from system.train.run_folder import pid_alive
+
 logger = logging.getLogger(__name__)
 
 LAUNCHER_PID_ENV = "MOESYS_LAUNCHER_PID"
@@ -56,21 +58,11 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     except (OSError, AttributeError):  # no prctl: nothing more we can do
         return
     expected = os.environ.get(LAUNCHER_PID_ENV, "")
-    gone = os.getppid() == 1 or (expected.isdigit() and int(expected) != os.getppid() and not _alive(int(expected)))
+    gone = os.getppid() == 1 or (expected.isdigit() and int(expected) != os.getppid() and not pid_alive(int(expected)))
     if gone:
         print(f"error: [rank{os.environ.get('RANK', '?')}] the launcher exited before this rank started",
               file=sys.stderr, flush=True)
         os._exit(PREEMPTED_EXIT)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _on_sigterm(signum: int, _frame) -> None:

@@ -53,7 +53,8 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (``kill(pid, 0)``; owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -87,7 +88,7 @@ class LockHolder:
     def is_alive(self, mtime: float) -> bool:
         """Whether the holding process still runs (see the module docstring for how it is told)."""
         if self.host == socket.gethostname():
-            if not _pid_alive(self.pid):
+            if not pid_alive(self.pid):
                 return False
             now_start = _proc_start_time(self.pid)
             return self.start_time is None or now_start is None or now_start == self.start_time
