@@ -20,11 +20,37 @@ class MoEConfig:
     num_shared_experts: int = field(
         default=0, metadata={"help": "Always-active shared experts (one SwiGLU of n * expert_dim) per MoE layer."}
     )
+    shared_expert_dim: int = field(
+        default=0, metadata={"help": "Hidden size of the shared-expert SwiGLU; 0: num_shared_experts * expert_dim "
+                             "(Qwen2-MoE sets it on its own)."}
+    )
+    shared_expert_gate: bool = field(
+        default=False, metadata={"help": "Scale the shared experts' output by sigmoid(x w_g), w_g [d] (Qwen2-MoE)."}
+    )
     score_func: Literal["softmax", "sigmoid"] = field(
         default="softmax", metadata={"help": "Router score function."}
     )
     norm_topk_prob: bool = field(
         default=True, metadata={"help": "Renormalise the top-k weights of each token to sum to 1."}
+    )
+    route_scale: float = field(
+        default=1.0, metadata={"help": "Routed scaling factor: the top-k weights are multiplied by it (DeepSeek-V3)."}
+    )
+    num_expert_groups: int = field(
+        default=0, metadata={"help": "Group-limited routing: experts split into this many equal groups, each token "
+                             "picks its experts from num_limited_groups groups (DeepSeek-V3 node-limited routing); "
+                             "0 or 1: off."}
+    )
+    num_limited_groups: int = field(default=0, metadata={"help": "Groups each token may route to (see num_expert_groups)."})
+    load_balance: Literal["aux", "bias", "none"] = field(
+        default="aux",
+        metadata={"help": "aux: the auxiliary load-balancing loss (aux_loss_coef). bias: auxiliary-loss-free balancing "
+                  "(DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2): a per-expert bias added to the scores for top-k "
+                  "selection only, updated after each step from the observed loads. none: no balancing."},
+    )
+    bias_update_rate: float = field(
+        default=1e-3, metadata={"help": "load_balance = bias: the bias update speed gamma (each step, +gamma for an "
+                                "under-loaded expert, -gamma for an over-loaded one)."}
     )
     aux_loss_coef: float = field(
         default=0.01, metadata={"help": "Coefficient of the GShard/Switch auxiliary load-balancing loss."}
@@ -65,6 +91,12 @@ class MoEConfig:
         "auto = grouped_mm on CUDA where it runs, the chunked kernel on CPU."}
     )
 
+    def shared_hidden_dim(self) -> int:
+        """Hidden size of the shared-expert SwiGLU (0: no shared experts)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.shared_expert_dim or self.num_shared_experts * self.expert_dim
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the key when a value is out of range."""
         if self.num_experts < 1:
@@ -91,6 +123,21 @@ class MoEConfig:
             raise ValueError(f"moe.router_passes must be >= 1, got {self.router_passes}")
         if self.router_uncertainty_scale < 0:
             raise ValueError(f"moe.router_uncertainty_scale must be >= 0, got {self.router_uncertainty_scale}")
-        for key in ("aux_loss_coef", "z_loss_coef", "first_dense_layers", "num_shared_experts"):
+        if self.num_expert_groups > 1:
+            if self.num_experts % self.num_expert_groups:
+                raise ValueError(f"moe.num_experts ({self.num_experts}) must divide by moe.num_expert_groups "
+                                 f"({self.num_expert_groups})")
+            if not 1 <= self.num_limited_groups <= self.num_expert_groups:
+                raise ValueError(f"moe.num_limited_groups must be in [1, moe.num_expert_groups="
+                                 f"{self.num_expert_groups}], got {self.num_limited_groups}")
+            if self.top_k > self.num_limited_groups * (self.num_experts // self.num_expert_groups):
+                raise ValueError(f"moe.top_k ({self.top_k}) exceeds the experts of moe.num_limited_groups "
+                                 f"({self.num_limited_groups}) groups")
+        if self.load_balance not in ("aux", "bias", "none"):
+            raise ValueError(f"moe.load_balance must be 'aux', 'bias' or 'none', got {self.load_balance!r}")
+        if self.route_scale <= 0:
+            raise ValueError(f"moe.route_scale must be > 0, got {self.route_scale}")
+        for key in ("aux_loss_coef", "z_loss_coef", "first_dense_layers", "num_shared_experts", "shared_expert_dim",
+                    "num_expert_groups", "num_limited_groups", "bias_update_rate"):
             if getattr(self, key) < 0:
                 raise ValueError(f"moe.{key} must be >= 0, got {getattr(self, key)}")
