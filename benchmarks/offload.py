@@ -202,7 +202,7 @@ def _accelerate_model(spec: dict, link):
         model = MoETransformer(job.model, job.moe)
     cfg = job.model
     device = torch.device(spec["device"])
-    model.rope = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta).to(device)
+    model.rope = precompute_rope(cfg).to(device)
     if spec["peer"] == "acc_cpu":
         state = load_file(str(Path(spec["ckpt"]) / "model.safetensors"))
         cpu_offload(model, execution_device=device, state_dict=state, preload_module_classes=["TopKRouter"])

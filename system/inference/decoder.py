@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from system.inference.kv_cache import KVCache
-from system.models.model import Attention, MoETransformer
+from system.models.model import MoETransformer
 
 FfnRunner = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
 """``run_ffn(i, block, x)``: block ``i``'s feed-forward of ``x`` ``[1 or B, T, d]`` -> same shape."""
@@ -29,31 +29,22 @@ def default_ffn(i: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (block.moe if block.moe is not None else block.mlp)(x)
 
 
-def apply_rope_rows(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, S, H, Dh]`` by per-row tables ``rope`` ``[B, S, Dh/2, 2]`` (as ``apply_rope``)."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    out = torch.stack((xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 0] * sin + xf[..., 1] * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
-
-
-def cached_attention(attn: Attention, x: torch.Tensor, cache: KVCache, layer: int, rope: torch.Tensor,
+def cached_attention(attn: nn.Module, x: torch.Tensor, cache: KVCache, layer: int, rope: torch.Tensor,
                      mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
     """Attention of the new columns ``x`` ``[B, S, d]`` over the cached and new keys -> ``[B, S, d]``.
 
-    Writes this layer's new keys and values into ``cache`` (columns ``[length, length + S)``).
+    ``attn`` is the block's attention module (:class:`~system.models.model.Attention` or
+    :class:`~system.models.model.MLAttention`); its ``project`` gives the rotated queries, keys and
+    values (``rope`` ``[B, S, Dr/2, 2]``, per-row positions). Writes this layer's new keys and values
+    into ``cache`` (columns ``[length, length + S)``).
     """
-    bsz, seq, _ = x.shape
-    q = attn.wq(x).view(bsz, seq, attn.n_heads, attn.head_dim)
-    k = attn.wk(x).view(bsz, seq, attn.n_kv_heads, attn.head_dim)
-    v = attn.wv(x).view(bsz, seq, attn.n_kv_heads, attn.head_dim)
-    q, k = apply_rope_rows(q, rope), apply_rope_rows(k, rope)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k, v = attn.project(x, rope)
     keys, values = cache.update(layer, k, v)
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=attn.n_kv_heads != attn.n_heads
+        q, keys, values, attn_mask=mask, is_causal=is_causal, scale=attn.softmax_scale,
+        enable_gqa=keys.shape[1] != q.shape[1],
     )
-    return attn.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+    return attn.wo(out.transpose(1, 2).flatten(2))
 
 
 @torch.inference_mode()

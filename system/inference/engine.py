@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +28,12 @@ import torch.nn as nn
 
 from system.config.job import JobConfig
 from system.config.loader import ConfigError, apply_dict
-from system.data.tokenizer import build_tokenizer
 from system.inference.decoder import default_ffn
 from system.inference.expert_cache import ExpertCache, ExpertHost, expert_slot_layout
 from system.inference.loop import GenerationStats, generate_batch
 from system.inference.mmap_file import MmapCheckpoint, ModelFilesNotFoundError
 from system.inference.plan import PlanError, check_checkpoint, make_plan, parse_bytes
+from system.inference.prompts import Prompt, encode_prompts, model_vocab_size, resolve_tokenizer
 from system.inference.ring import EventLog, RingScheduler, SlotRing
 from system.inference.sampling import METHODS, Sampler, SamplingConfig
 from system.inference.sections import (
@@ -176,7 +177,7 @@ def materialize(skeleton: MoETransformer, ckpt: MmapCheckpoint, load: set[str], 
         else:
             module._buffers[leaf] = value
     cfg = skeleton.cfg
-    skeleton.rope = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta).to(device)
+    skeleton.rope = precompute_rope(cfg).to(device)
     return skeleton.eval()
 
 
@@ -241,9 +242,10 @@ class OffloadEngine:
                  event_log: bool = False, check_stamps: bool = True, transport=None):
         self.job = load_job_config(checkpoint_dir)
         cfg, moe = self.job.model, self.job.moe
-        self._tokenizer = None
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self._tokenizer, self._tokenizer_built = None, False
         if cfg.vocab_size == 0:
-            cfg.vocab_size = -(-self.tokenizer.vocab_size // 64) * 64
+            cfg.vocab_size = model_vocab_size(0, self.tokenizer)
         self.device = resolve_device(device)
         self.mode = offload
         self.ckpt = MmapCheckpoint(checkpoint_dir)
@@ -293,9 +295,12 @@ class OffloadEngine:
 
     @property
     def tokenizer(self):
-        """The tokenizer named by the saved ``data.tokenizer`` (built on first use)."""
-        if self._tokenizer is None:
-            self._tokenizer = build_tokenizer(self.job.data.tokenizer)
+        """The model's tokenizer, built on first use: the folder's ``tokenizer.json`` (with BOS/EOS from
+        its Hugging Face config files), else the saved ``data.tokenizer``; ``None`` when the model has
+        none (see :func:`system.inference.prompts.resolve_tokenizer`)."""
+        if not self._tokenizer_built:
+            self._tokenizer = resolve_tokenizer(self.checkpoint_dir, self.job.data.tokenizer)
+            self._tokenizer_built = True
         return self._tokenizer
 
     @property
@@ -313,8 +318,9 @@ class OffloadEngine:
         return self.link.measured_bandwidth
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, *, batch_size: int | None = None,
-                     eos_id: int | None = None) -> tuple[list[list[int]], GenerationStats]:
-        """Generate for token-id prompts in batches of ``batch_size`` (default: the planned batch).
+                     eos_id: int | Collection[int] | None = None) -> tuple[list[list[int]], GenerationStats]:
+        """Generate for token-id prompts in batches of ``batch_size`` (default: the planned batch); a
+        row stops at ``eos_id`` (one id or any of several; ``None``: never).
 
         Returns:
             ``(new ids per prompt, stats summed over batches)``.
@@ -355,30 +361,38 @@ class OffloadEngine:
 
 @dataclass
 class GenerationOutput:
-    """Texts and token ids generated for each prompt, with the run's statistics."""
+    """Per prompt: the decoded new text (``None`` without a tokenizer), the new ids (the EOS id that
+    stopped a row included) and the prompt's ids as run (BOS included); with the run's statistics."""
 
-    texts: list[str]
+    texts: list[str | None]
     tokens: list[list[int]]
     stats: GenerationStats
     plan: str = ""
     extra: dict = field(default_factory=dict)
+    prompt_ids: list[list[int]] = field(default_factory=list)
 
 
-def generate(checkpoint_dir: str | Path, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 8, *,
+def generate(checkpoint_dir: str | Path, prompts: list[Prompt], max_new_tokens: int = 32, batch_size: int = 8, *,
              offload: str = "none", slots: int = 2, device_memory: str | int | None = None, sampling: str = "greedy",
              top_p: float = 0.9, temperature: float = 1.0, seed: int = 0, device: str = "cpu",
              link_bandwidth: str | float | None = None, expert_cache: int | None = None,
              stop_at_eos: bool = True) -> GenerationOutput:
-    """Generate text for ``prompts`` from a saved model (see :class:`OffloadEngine` for the modes).
+    """Generate for ``prompts`` from a saved model (see :class:`OffloadEngine` for the modes).
 
-    Prompts are encoded with the saved tokenizer (an empty prompt becomes the EOS token), run in
-    batches of ``batch_size``, and decoded; the plan is sized for ``min(batch_size, len(prompts))``
-    sequences of the longest prompt + ``max_new_tokens``.
+    A prompt is text or a list of token ids. Text is encoded with the model's tokenizer
+    (:func:`system.inference.prompts.resolve_tokenizer`: the folder's ``tokenizer.json``, else the saved
+    ``data.tokenizer``), BOS prepended as the model family does, an empty prompt becoming EOS; ids
+    need no tokenizer. Every prompt is checked against the model's vocabulary before any weight is
+    read. Prompts run in batches of ``batch_size``; each row stops at any of the tokenizer's EOS ids
+    (``stop_at_eos``); the new ids are decoded when there is a tokenizer. The plan is sized for
+    ``min(batch_size, len(prompts))`` sequences of the longest prompt + ``max_new_tokens``.
 
     Raises:
         PlanError: a bad argument (see :func:`check_request`, checked before anything is loaded), no
-            prompts, a sequence beyond the model's ``max_seq_len``, or see :class:`OffloadEngine`.
-        ModelFilesNotFoundError, SafetensorsFileError, ConfigError, DataError: see :class:`OffloadEngine`.
+            prompts, an empty id prompt or an id outside ``[0, vocab_size)``, a sequence beyond the
+            model's ``max_seq_len``, or see :class:`OffloadEngine`.
+        DataError: a text prompt for a model without a tokenizer, or a tokenizer that cannot be loaded.
+        ModelFilesNotFoundError, SafetensorsFileError, ConfigError: see :class:`OffloadEngine`.
     """
     check_request(max_new_tokens=max_new_tokens, batch_size=batch_size, offload=offload, slots=slots,
                   expert_cache=expert_cache, sampling=sampling, top_p=top_p, temperature=temperature, device=device,
@@ -386,8 +400,8 @@ def generate(checkpoint_dir: str | Path, prompts: list[str], max_new_tokens: int
     if not prompts:
         raise PlanError("no prompts to generate for")
     probe = load_job_config(checkpoint_dir)
-    tok = build_tokenizer(probe.data.tokenizer)
-    ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+    tok = resolve_tokenizer(checkpoint_dir, probe.data.tokenizer, required=any(isinstance(p, str) for p in prompts))
+    ids = encode_prompts(prompts, tok, model_vocab_size(probe.model.vocab_size, tok))
     batch = max(1, min(batch_size, len(ids)))
     seq = max(len(i) for i in ids) + max_new_tokens
     if seq > probe.model.max_seq_len:
@@ -395,11 +409,12 @@ def generate(checkpoint_dir: str | Path, prompts: list[str], max_new_tokens: int
     with OffloadEngine(checkpoint_dir, offload=offload, slots=slots, device=device, device_memory=device_memory,
                        max_batch_size=batch, max_seq_len=seq, link_bandwidth=link_bandwidth,
                        expert_cache=expert_cache) as engine:
-        sampler = Sampler(SamplingConfig(sampling, top_p, temperature, seed), vocab_limit=tok.vocab_size,
-                          device=engine.device)
+        sampler = Sampler(SamplingConfig(sampling, top_p, temperature, seed),
+                          vocab_limit=tok.vocab_size if tok is not None else None, device=engine.device)
         out, stats = engine.generate_ids(ids, max_new_tokens, sampler, batch_size=batch,
-                                         eos_id=tok.eos_id if stop_at_eos else None)
+                                         eos_id=tok.eos_ids if stop_at_eos and tok is not None else None)
         extra = {"measured_bandwidth": engine.measured_bandwidth}
         if engine.expert_cache is not None:
             extra.update(expert_hits=engine.expert_cache.hits, expert_misses=engine.expert_cache.misses)
-        return GenerationOutput([tok.decode(o) for o in out], out, stats, engine.plan.describe(), extra)
+        texts = [tok.decode(o) if tok is not None else None for o in out]
+        return GenerationOutput(texts, out, stats, engine.plan.describe(), extra, prompt_ids=ids)

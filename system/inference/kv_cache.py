@@ -19,10 +19,12 @@ import torch
 
 
 class KVCache:
-    """Preallocated keys and values ``[L, B, H_kv, S_max, Dh]`` for a batch of left-padded rows.
+    """Preallocated keys ``[L, B, H_kv, S_max, Dh]`` and values ``[L, B, H_kv, S_max, Dv]`` for a batch of
+    left-padded rows.
 
     Args:
         n_layers, batch, n_kv_heads, head_dim: shape.
+        v_head_dim: value size ``Dv`` (MLA); ``None``: ``head_dim``.
         max_len: columns to allocate (longest prompt + new tokens).
         pad: left-pad length of each row (``B`` ints).
         dtype, device: of the cache.
@@ -32,12 +34,12 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 pad: list[int], dtype: torch.dtype, device: torch.device | str):
+                 pad: list[int], dtype: torch.dtype, device: torch.device | str, v_head_dim: int | None = None):
         if len(pad) != batch:
             raise ValueError(f"pad has {len(pad)} entries for a batch of {batch}")
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape[:-1] + (v_head_dim or head_dim,), dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
         self.pad = torch.tensor(pad, dtype=torch.int64, device=device)

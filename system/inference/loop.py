@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +73,7 @@ def generate_batch(
     sampler: Callable[[torch.Tensor], torch.Tensor],
     *,
     run_ffn: FfnRunner = default_ffn,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     pad_id: int = 0,
     dtype: torch.dtype | None = None,
     sync: Callable[[], None] | None = None,
@@ -82,7 +82,8 @@ def generate_batch(
 
     The prompts are left-padded (:mod:`system.inference.kv_cache`), prefilled in one forward pass,
     then each decode step feeds the B sampled tokens as one new column. A row stops at ``eos_id``
-    (kept in its output); the loop ends when every row has stopped or after ``max_new_tokens``.
+    (any of them when several; kept in its output); the loop ends when every row has stopped or
+    after ``max_new_tokens``.
 
     Args:
         model: the decoder (weights resident, or bound by ``run_ffn``); its ``rope`` buffer gives
@@ -91,7 +92,7 @@ def generate_batch(
         max_new_tokens: tokens to generate per row (>= 1).
         sampler: ``logits [B, V] -> [B]`` (:class:`system.inference.sampling.Sampler`).
         run_ffn: how each block's FFN runs (resident, ring, expert cache).
-        eos_id: stop a row at this id (``None``: never).
+        eos_id: stop a row at this id, or at any of these ids (``None``: never).
         pad_id: id of the left padding (any valid id; pads are masked).
         dtype: KV cache dtype (default: the embedding weight's).
         sync: called before reading the clock (``torch.cuda.synchronize`` on GPU).
@@ -113,10 +114,12 @@ def generate_batch(
             f"prompt of {width} tokens + {max_new_tokens} new tokens exceeds model.max_seq_len {model.rope.shape[0]}"
         )
     cfg = model.cfg
-    cache = KVCache(cfg.n_layers, bsz, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads, width + max_new_tokens,
-                    pad, dtype or model.tok_embeddings.weight.dtype, device)
+    attn = model.layers[0].attention
+    cache = KVCache(cfg.n_layers, bsz, attn.n_kv_heads, attn.head_dim, width + max_new_tokens,
+                    pad, dtype or model.tok_embeddings.weight.dtype, device, v_head_dim=attn.v_head_dim)
     stats = GenerationStats(sequences=bsz, prompt_tokens=sum(len(p) for p in prompts))
     sync = sync or (lambda: None)
+    stop = frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
 
     sync()
     t0 = time.perf_counter()
@@ -130,7 +133,7 @@ def generate_batch(
         for row, tok in enumerate(nxt.tolist()):
             if not done[row]:
                 out[row].append(tok)
-                done[row] = tok == eos_id or len(out[row]) >= max_new_tokens
+                done[row] = tok in stop or len(out[row]) >= max_new_tokens
         if all(done):
             break
         nxt = sampler(forward_step(model, nxt[:, None], cache, run_ffn))

@@ -80,9 +80,10 @@ def check_checkpoint(expected: dict[str, tuple[int, ...]], ckpt: MmapCheckpoint)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, elem: int) -> int:
-    """Bytes of the KV cache ``2 x [L, B, H_kv, S, Dh]``."""
-    kv_heads = cfg.n_kv_heads or cfg.n_heads
-    return 2 * cfg.n_layers * batch * kv_heads * seq * (cfg.dim // cfg.n_heads) * elem
+    """Bytes of the KV cache ``[L, B, H_kv, S, Dh]`` keys + ``[L, B, H_kv, S, Dv]`` values (MLA: expanded per head)."""
+    kv_heads = cfg.n_heads if cfg.attention_type == "mla" else cfg.n_kv_heads or cfg.n_heads
+    v_dim = cfg.v_head_dim if cfg.attention_type == "mla" else cfg.attn_head_dim()
+    return cfg.n_layers * batch * kv_heads * seq * (cfg.attn_head_dim() + v_dim) * elem
 
 
 def activation_bytes(cfg: ModelConfig, moe: MoEConfig, batch: int, seq: int, elem: int) -> int:
@@ -96,8 +97,9 @@ def activation_bytes(cfg: ModelConfig, moe: MoEConfig, batch: int, seq: int, ele
     last-position logits (``2 B V``, float32).
     """
     tokens = batch * seq
-    d, kv_dim = cfg.dim, (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    hidden = max(cfg.ffn_dim, moe.expert_dim * moe.num_shared_experts)
+    kv_heads = cfg.n_heads if cfg.attention_type == "mla" else cfg.n_kv_heads or cfg.n_heads
+    d, kv_dim = cfg.dim, kv_heads * cfg.attn_head_dim()
+    hidden = max(cfg.ffn_dim, moe.shared_hidden_dim())
     n = 12 * tokens * d + 3 * tokens * (d + 2 * kv_dim)
     n += tokens * moe.top_k * (3 * d + 2 * moe.expert_dim) + 3 * tokens * hidden
     f32 = 2 * batch * cfg.n_heads * seq * seq + 3 * tokens * moe.num_experts + 2 * batch * cfg.vocab_size
