@@ -21,9 +21,9 @@ memory is its shard plus one tensor (the transpose of one expert).
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,53 +31,13 @@ import torch
 from system.config.model import ModelConfig
 from system.config.moe import MoEConfig
 from system.hf.config import FAMILIES, HFCheckpointError, read_hf_config
-from system.inference.mmap_file import (
-    INDEX_SUFFIX, ModelFilesNotFoundError, SafetensorsFileError, TensorInfo, read_header,
+from system.inference.mmap_file import (  # Piece, Source: defined beside our own reader, used by both
+    INDEX_SUFFIX, ModelFilesNotFoundError, Piece, SafetensorsFileError, Source, TensorInfo, byte_view, map_file,
+    read_header,
 )
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One contiguous byte range ``[offset, offset + nbytes)`` of ``file`` (the HF tensor ``hf_name``)."""
-
-    hf_name: str
-    file: Path
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class Source:
-    """How one of our tensors is stored.
-
-    Attributes:
-        name: our parameter name.
-        dtype: stored dtype.
-        shape: our (logical) shape.
-        pieces: contiguous byte ranges in order. For expert tensors one per expert (``len == E``), else one.
-        transposed: each piece holds the transpose of its slice (the last two axes swapped):
-            ``stored_shape`` is then the slice shape with its last two axes swapped.
-    """
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
-    transposed: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the whole tensor."""
-        return sum(p.nbytes for p in self.pieces)
-
-    @property
-    def piece_shape(self) -> tuple[int, ...]:
-        """Shape of one piece's bytes as stored (``[f, d]`` for an HF expert ``gate_proj``)."""
-        inner = self.shape[1:] if len(self.pieces) > 1 else self.shape
-        return inner[:-2] + (inner[-1], inner[-2]) if self.transposed else inner
 
 
 def _hf_layer_prefix(i: int) -> str:
@@ -182,6 +142,8 @@ class HFCheckpoint:
         self.sources: dict[str, Source] = {}
         plain = [n for n in expected if not _is_routed_expert(n)]
         for ours, hf in hf_tensor_map(self.model_cfg, self.moe_cfg, self.family, plain).items():
+            if ours.endswith(".router.expert_bias") and hf not in self.infos:
+                continue  # a family without the bias, fine-tuned with moe.load_balance = "bias": starts at 0
             info = self._info(hf, ours)
             self._check(ours, hf, info, expected[ours], info.shape)
             self.sources[ours] = Source(ours, info.dtype, info.shape, (Piece(hf, info.file, info.offset, info.nbytes),))
@@ -191,6 +153,7 @@ class HFCheckpoint:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}  # read-only mappings of the shards, made by piece_view
 
     def _read_headers(self) -> dict[str, TensorInfo]:
         single = self.path / "model.safetensors"
@@ -267,6 +230,9 @@ class HFCheckpoint:
         pieces = tuple(Piece(hf, info.file, start + e * stride, per_bytes) for e in range(num))
         return Source(ours, info.dtype, shape, pieces, transposed=True)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.sources
+
     # -- reading ---------------------------------------------------------------------------------
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
@@ -325,12 +291,40 @@ class HFCheckpoint:
         self.read_into(name, out)
         return out
 
+    # -- mapping (the serving engine's host tier, system.inference.mmap_file.WeightFiles) ------------
+    def source(self, name: str) -> Source:
+        """How our tensor ``name`` is stored (:attr:`sources`).
+
+        Raises:
+            KeyError: ``name`` is not one of our tensors here (the folder is named).
+        """
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} missing from {self.path}") from None
+
+    def piece_view(self, piece: Piece) -> torch.Tensor:
+        """Flat ``uint8`` view ``[piece.nbytes]`` of ``piece`` in a read-only mapping of its shard (zero copy:
+        page-cache pages, no anonymous memory). Never write to it; the mapping lives as long as a view does.
+
+        Raises:
+            OSError: the shard cannot be opened or mapped.
+        """
+        mapping = self._maps.get(piece.file)
+        if mapping is None:
+            with self._lock:
+                mapping = self._maps.get(piece.file)
+                if mapping is None:
+                    mapping = self._maps[piece.file] = map_file(piece.file)
+        return byte_view(mapping, piece.offset, piece.nbytes)
+
     def close(self) -> None:
-        """Close the shard files."""
+        """Close the shard files and drop this object's mappings (views made by :meth:`piece_view` keep theirs)."""
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._maps.clear()
 
     def __enter__(self) -> "HFCheckpoint":
         return self
