@@ -133,6 +133,8 @@ class MoEConfig:
             if self.top_k > self.num_limited_groups * (self.num_experts // self.num_expert_groups):
                 raise ValueError(f"moe.top_k ({self.top_k}) exceeds the experts of moe.num_limited_groups "
                                  f"({self.num_limited_groups}) groups")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("moe.shared_expert_gate needs shared experts (moe.num_shared_experts >= 1)")
         if self.load_balance not in ("aux", "bias", "none"):
             raise ValueError(f"moe.load_balance must be 'aux', 'bias' or 'none', got {self.load_balance!r}")
         if self.route_scale <= 0:

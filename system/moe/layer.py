@@ -12,6 +12,14 @@ parallelism). With ``capacity_factor > 0`` each expert accepts at most
 ``ceil(capacity_factor * T * k / E)`` of a group's ``T`` tokens, in GShard's priority order (all
 first choices before second choices, then token order; GShard sec. 2.2, Algorithm 1); dropped
 assignments contribute nothing and the token passes through the residual connection.
+
+Load balancing (``moe.load_balance``): ``"aux"``, the auxiliary loss of
+:func:`~system.moe.router.load_balancing_loss`; ``"bias"``, DeepSeek-V3's auxiliary-loss-free
+balancing (arXiv 2412.19437, sec. 2.1.2: a selection bias in the router, updated after each
+optimizer step by :func:`system.moe.balance.update_expert_bias`); ``"none"``. With ``"bias"`` and
+``"none"`` the layer's ``aux_loss`` is a constant 0. Shared experts (DeepSeek-V2/V3, Qwen2-MoE) are
+one SwiGLU of hidden ``moe.shared_hidden_dim()`` run on every token, optionally scaled by
+``sigmoid(x w_g)`` (Qwen2-MoE's ``shared_expert_gate``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ class MoEStats:
     """What one MoE forward pass measured.
 
     Attributes:
-        aux_loss: scalar load-balancing loss (differentiable).
+        aux_loss: scalar load-balancing loss (differentiable); a constant 0 unless ``load_balance = "aux"``.
         z_loss: scalar router z-loss (differentiable).
         tokens_per_expert: ``[E]`` float assignments per expert over the global micro-batch.
         dropped: assignments dropped by the capacity limit on this rank.
@@ -65,9 +73,17 @@ class MoELayer(nn.Module):
     Attributes:
         experts: the sharded expert parameters (:class:`~system.moe.experts.ExpertModule`).
         fme_shared: the shared SwiGLU block of FME experts (a dense module), else ``None``.
+        shared_experts: the always-active SwiGLU ``[T, d] -> [T, d]`` of hidden
+            ``cfg.shared_hidden_dim()``, or ``None``.
+        shared_expert_gate: ``nn.Linear(d, 1, bias=False)`` whose sigmoid scales the shared experts'
+            output (``cfg.shared_expert_gate``, Qwen2-MoE), or ``None``.
         capacity_groups: in capacity mode, the tokens of one forward are split into this many equal
             groups, each with its own capacity (a single-process reference of an N-rank job uses N).
         last_stats: :class:`MoEStats` of the latest forward.
+
+    Raises:
+        ValueError: an unknown ``cfg.expert_type``, ``cfg.shared_expert_gate`` without shared experts,
+            or an out-of-range routing option (:func:`~system.moe.router.build_router`).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -76,6 +92,7 @@ class MoELayer(nn.Module):
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
         self.expert_type = cfg.expert_type
+        self.load_balance = cfg.load_balance
         self.router = build_router(dim, cfg)
         if cfg.expert_type == "fme":
             self.experts = FeatureModulatedExperts(cfg.num_experts, cfg.expert_dim, cfg.fme_modulation, cfg.fme_rank,
@@ -86,18 +103,24 @@ class MoELayer(nn.Module):
             self.fme_shared = None
         else:
             raise ValueError(f"moe.expert_type must be 'ffn' or 'fme', got {cfg.expert_type!r}")
-        self.shared_experts = (
-            FeedForward(dim, cfg.expert_dim * cfg.num_shared_experts) if cfg.num_shared_experts else None
-        )
+        shared_dim = cfg.shared_hidden_dim()
+        self.shared_experts = FeedForward(dim, shared_dim) if shared_dim else None
+        if cfg.shared_expert_gate and self.shared_experts is None:
+            raise ValueError("moe.shared_expert_gate needs shared experts (moe.num_shared_experts >= 1), got "
+                             f"moe.num_shared_experts={cfg.num_shared_experts}")
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.dispatcher = LocalDispatcher()
         self.stats_group = None
         self.capacity_groups = 1
         self.last_stats: MoEStats | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
-        """Initialise router, experts and shared experts (FME: the shared block like an FFN expert,
-        the modulations with ``std``, see :meth:`~system.moe.fme.FeatureModulatedExperts.init_weights`)."""
+        """Initialise router, experts, shared experts and their gate (FME: the shared block like an FFN
+        expert, the modulations with ``std``, see :meth:`~system.moe.fme.FeatureModulatedExperts.init_weights`).
+        The router's ``expert_bias`` (if any) is reset to 0."""
         nn.init.trunc_normal_(self.router.gate.weight, std=std)
+        if self.router.expert_bias is not None:
+            self.router.expert_bias.zero_()
         if self.fme_shared is not None:
             self.fme_shared.init_weights(std, out_std)
             self.experts.init_weights(std)
@@ -105,6 +128,8 @@ class MoELayer(nn.Module):
             self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
+        if self.shared_expert_gate is not None:
+            nn.init.trunc_normal_(self.shared_expert_gate.weight, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Route, dispatch, compute and combine ``x`` ``[B, S, d]``; sets :attr:`last_stats`."""
@@ -120,7 +145,10 @@ class MoELayer(nn.Module):
         if self.stats_group is not None:
             dist.all_reduce(global_counts, group=self.stats_group)
             global_tokens = num_tokens * dist.get_world_size(self.stats_group)
-        aux = load_balancing_loss(route.scores, global_counts, global_tokens, self.top_k)
+        if self.load_balance == "aux":
+            aux = load_balancing_loss(route.scores, global_counts, global_tokens, self.top_k)
+        else:  # "bias" / "none": no balancing loss; a constant keeps aux_loss() summable
+            aux = route.scores.new_zeros(())
         zloss = router_z_loss(route.logits)
 
         dropped = 0
@@ -145,7 +173,7 @@ class MoELayer(nn.Module):
         acc = acc.index_add(0, token_of, y.float() * w[:, None])
         out = self.expert_outputs(acc, ctx)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(xf)
+            out = out + self.shared_output(xf)
         self.last_stats = MoEStats(
             aux_loss=aux,
             z_loss=zloss,
@@ -156,6 +184,15 @@ class MoELayer(nn.Module):
             router_std=_router_std(route),
         )
         return out.to(x.dtype).view(shape)
+
+    def shared_output(self, xf: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output ``[T, d]`` for tokens ``xf`` ``[T, d]``, scaled by
+        ``sigmoid(shared_expert_gate(xf))`` ``[T, 1]`` when the layer has that gate (Qwen2-MoE).
+        Call only when :attr:`shared_experts` is not ``None``."""
+        out = self.shared_experts(xf)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(xf)) * out
+        return out
 
     def expert_inputs(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token rows the experts read, and what :meth:`expert_outputs` needs.
