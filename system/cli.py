@@ -3,23 +3,27 @@
 ``moesys train --config FILE [--nproc-per-node N] [--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT]
 [--max-restarts R] [--dry-run] [--section.key value ...]`` validates the job config, builds one
 torchrun command (``--standalone`` on one node, c10d rendezvous across nodes) and runs it (or prints
-it with ``--dry-run``). Every node of a multi-node job runs the same command.
+it with ``--dry-run``, after the mesh, the parameter counts and the per-rank memory of the model state).
+Every node of a multi-node job runs the same command.
 
 ``moesys launch --config FILE [--ray-address ADDR|auto] [--num-nodes N|MIN:MAX] [--workers-per-node P]
 [--gpus-per-worker G] [--storage-path URL] [--max-failures F] [--dry-run] [--section.key value ...]`` runs
 the same job on a Ray cluster (Ray Train ``TorchTrainer``), restarting from the newest committed
 checkpoint when a worker or node dies (see :mod:`system.cluster.ray_launch`).
 
-``moesys generate --checkpoint DIR --prompt TEXT [--prompts-file FILE] [--max-new-tokens N]
-[--batch-size B] [--offload none|ring|experts] [--slots K] [--expert-cache C] [--device-memory 4GiB]
-[--link-bandwidth 2GB] [--sampling greedy|top-p --top-p P --temperature T --seed S] [--device cpu|cuda]``
-generates text from a saved model (``model.safetensors`` + ``config.json``), resident or streamed through
-a ring of K slots (SE-MoE), and prints the texts and the throughput.
+``moesys generate --checkpoint DIR --prompt TEXT [--prompt-ids 1,5,9] [--prompts-file FILE]
+[--output-format text|json] [--max-new-tokens N] [--batch-size B] [--offload none|ring|experts] [--slots K]
+[--expert-cache C] [--device-memory 4GiB] [--link-bandwidth 2GB] [--sampling greedy|top-p --top-p P
+--temperature T --seed S] [--device cpu|cuda] [--ignore-eos]`` generates from a saved model
+(``model.safetensors`` + ``config.json``, with the folder's ``tokenizer.json`` if any), resident or
+streamed through a ring of K slots (SE-MoE). Stdout carries only the generated text (or one JSON object
+per prompt); the plan and the throughput go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,7 +49,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--rdzv-id", default="moesys", help="rendezvous id shared by all nodes of the job")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="worker-group restarts after a failure (each resumes from the newest checkpoint)")
-    p.add_argument("--dry-run", action="store_true", help="run the launch checks, print the torchrun command and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the launch checks, print the mesh, parameter counts and per-rank memory of the model "
+                        "state, then the torchrun command, and exit (a missing checkpoint.initial_load_path only warns)")
     p.add_argument("--debug", action="store_true", help="tracebacks for expected errors too (config, data, checkpoint)")
 
 
@@ -69,10 +75,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from system.train.lifecycle import PREEMPTED_EXIT
     from system.cluster.torchrun import parse_nnodes
     from system.errors import MoesysError
-    from system.train.preflight import default_run_dir, preflight
+    from system.train.preflight import default_run_dir, missing_initial_load, preflight
 
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, initial_load_missing_ok=args.dry_run)
         nproc = args.nproc_per_node if args.nproc_per_node is not None else _config_world_size(cfg)
         spec = LaunchSpec(
             nproc_per_node=nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
@@ -86,14 +92,19 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             job_args += ["--metrics.run_dir", run_dir]
         argv, env = build_torchrun_command(spec, job_args)
         how = f"--nproc-per-node {nproc} x --nnodes {args.nnodes}"
-        preflight(cfg, run_dir, world_sizes=[nproc * n for n in range(lo, hi + 1)], how=how,
-                  nproc_per_node=nproc, job_id=None if standalone else args.rdzv_id)
+        tokenizer = preflight(cfg, run_dir, world_sizes=[nproc * n for n in range(lo, hi + 1)], how=how,
+                              nproc_per_node=nproc, job_id=None if standalone else args.rdzv_id,
+                              initial_load_missing_ok=args.dry_run)
+        plan = _dry_run_plan(cfg, nproc * lo, tokenizer.vocab_size) if args.dry_run else []
     except (MoesysError, ValueError, FileNotFoundError) as e:
         _error(str(e))
         return 2
     line = format_command(argv, env)
     if args.dry_run:
-        print(line)
+        warning = missing_initial_load(cfg)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        print("\n".join([*plan, line]))
         return 0
     print(f"+ {line}", file=sys.stderr, flush=True)
     result = run_agent(argv, env, debug=args.debug)
@@ -106,6 +117,20 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         failed = len(result.failures)
         _error(f"{result.message} (rank {result.failures[0].rank}; {failed} rank(s) failed)")
     return result.exit_code
+
+
+def _dry_run_plan(cfg, world_size: int, tokenizer_vocab: int) -> list[str]:
+    """What ``--dry-run`` prints before the command: the mesh, the parameter counts and the per-rank
+    memory of the model state (:func:`system.train.memory.estimate_memory`) at ``world_size`` ranks
+    (the fewest an elastic range allows: the most per rank)."""
+    import copy
+
+    from system.train.memory import estimate_memory
+    from system.train.trainer import resolve_vocab
+
+    resolved = copy.deepcopy(cfg)
+    resolve_vocab(resolved, tokenizer_vocab)
+    return estimate_memory(resolved, world_size).describe()
 
 
 def _latest_checkpoint(cfg, run_dir: str) -> str | None:
@@ -191,9 +216,18 @@ def _generate_parser(sub) -> None:
         help="generate text from a saved model (resident or ring-offloaded)",
         description="Generate text with a KV cache, batched prompts, and optional ring offload (SE-MoE).",
     )
-    p.add_argument("--checkpoint", required=True, help="folder with model.safetensors and config.json")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several)")
-    p.add_argument("--prompts-file", default=None, help="throughput mode: one prompt per non-empty line")
+    p.add_argument("--checkpoint", required=True,
+                   help="folder with model.safetensors and config.json (and tokenizer.json, if the model has one)")
+    p.add_argument("--prompt", action=_PromptAction, const="text", dest="prompts", metavar="TEXT",
+                   help="prompt text (repeat for several; BOS is added as the model's tokenizer does)")
+    p.add_argument("--prompt-ids", action=_PromptAction, const="ids", dest="prompts", metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 1,5,9 (repeat for several; no tokenizer "
+                        "needed; kept in order with --prompt)")
+    p.add_argument("--prompts-file", default=None,
+                   help="throughput mode: one prompt per non-empty line (run after --prompt/--prompt-ids)")
+    p.add_argument("--output-format", choices=("text", "json"), default="text",
+                   help="text: the generated text of each prompt on stdout; json: one object per prompt and "
+                        "line, {prompt_ids, generated_ids, text} (text null without a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (>= 1)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (>= 1)")
     p.add_argument("--offload", choices=("none", "ring", "experts"), default="none",
@@ -210,6 +244,14 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the top-p sampler")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (N below the visible GPU count)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+
+
+class _PromptAction(argparse.Action):
+    """Append ``(kind, value)`` to ``namespace.prompts`` (``kind`` is this option's ``const``: ``"text"``
+    or ``"ids"``), so that ``--prompt`` and ``--prompt-ids`` keep the order they were given in."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (self.const, values)])
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -234,15 +276,21 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Run :func:`system.inference.generate` and print the texts and tokens/s; return the exit code.
+    """Run :func:`system.inference.generate` and print what was generated; return the exit code.
 
-    Every argument is checked (:func:`system.inference.engine.check_request`) before a file is read.
+    Every argument is checked (:func:`system.inference.engine.check_request`, the ``--prompt-ids``
+    syntax) before a file is read, and the ids against the model's vocabulary before its weights
+    are. Prompts run in the order ``--prompt``/``--prompt-ids`` were given, then the prompts file.
+    Stdout gets only the output (see :func:`_print_generated`); the prompt headers, the throughput
+    and the plan go to stderr, so ``moesys generate ... --output-format json | jq`` works.
 
     Raises:
-        MoesysError: a bad argument, prompts file, model folder or plan (``main`` prints it, exit 2).
+        MoesysError: a bad argument, prompt, prompts file, model folder, tokenizer or plan (``main``
+            prints it, exit 2).
     """
     from system.inference.engine import check_request, generate  # imported here: the train path does not need it
     from system.inference.plan import PlanError
+    from system.inference.prompts import parse_prompt_ids
 
     check_request(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, offload=args.offload,
                   slots=args.slots, expert_cache=args.expert_cache, sampling=args.sampling, top_p=args.top_p,
@@ -250,11 +298,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   link_bandwidth=args.link_bandwidth)
     if args.offload == "experts" and args.expert_cache is None:
         raise PlanError("--offload experts needs --expert-cache C (expert slots, >= 1)")
-    prompts = list(args.prompt)
+    prompts: list = [value if kind == "text" else parse_prompt_ids(value) for kind, value in args.prompts or []]
     if args.prompts_file:
         prompts += _read_prompts(args.prompts_file)
     if not prompts:
-        raise PlanError("give --prompt TEXT or --prompts-file FILE")
+        raise PlanError("give --prompt TEXT, --prompt-ids 1,5,9 or --prompts-file FILE")
     try:
         result = generate(
             args.checkpoint, prompts, args.max_new_tokens, args.batch_size, offload=args.offload, slots=args.slots,
@@ -265,15 +313,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except OSError as e:  # a model file that cannot be opened or mapped (permissions, I/O): named by the OS
         print(f"error: cannot read the model in {args.checkpoint}: {e}", file=sys.stderr)
         return 2
-    for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
-        print(f"--- prompt {i + 1} ---")
-        print(prompt + text)
+    _print_generated(result, args.output_format)
     st = result.stats
     print(f"--- {st.sequences} prompts, {st.new_tokens} new tokens: {st.tokens_per_s:.1f} tokens/s "
           f"(decode {st.decode_tokens_per_s:.1f} tokens/s; prefill {st.prefill_s:.3f} s, decode {st.decode_s:.3f} s); "
-          f"streamed {st.bytes_streamed} B ({st.bytes_per_token:.0f} B/token)")
-    print(f"--- plan: {result.plan}")
+          f"streamed {st.bytes_streamed} B ({st.bytes_per_token:.0f} B/token)", file=sys.stderr)
+    print(f"--- plan: {result.plan}", file=sys.stderr)
     return 0
+
+
+def _print_generated(result, output_format: str) -> None:
+    """Print each prompt's output on stdout, nothing else there.
+
+    ``json``: one line per prompt, ``{"prompt_ids": [...], "generated_ids": [...], "text": ...}`` (the
+    ids as run: BOS included, the EOS that stopped the row included; ``text`` the decoded new tokens,
+    ``null`` without a tokenizer). ``text``: the generated text of each prompt, one ``print`` each,
+    after a ``--- prompt N ---`` header on stderr; without a tokenizer, the new ids as ``1,5,9``.
+    """
+    rows = zip(result.prompt_ids, result.tokens, result.texts)
+    if output_format == "json":
+        for prompt_ids, new_ids, text in rows:
+            print(json.dumps({"prompt_ids": prompt_ids, "generated_ids": new_ids, "text": text}))
+        return
+    if any(t is None for t in result.texts):
+        print("--- the model has no tokenizer: printing the generated token ids", file=sys.stderr)
+    for i, (_, new_ids, text) in enumerate(rows):
+        print(f"--- prompt {i + 1} ---", file=sys.stderr, flush=True)
+        print(text if text is not None else ",".join(map(str, new_ids)), flush=True)
 
 
 def _is_number(text: str) -> bool:

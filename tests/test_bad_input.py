@@ -417,7 +417,7 @@ def test_generate_clamps_the_expert_cache(world, capsys, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="system.inference.plan"):
         rc, out, err = run_cli(gen(world, "--offload", "experts", "--expert-cache", "1000"), capsys)
     assert rc == 0, err
-    assert "8 slots x" in out  # 2 MoE blocks x 4 experts
+    assert "8 slots x" in err  # 2 MoE blocks x 4 experts (the plan goes to stderr)
     assert any("expert_cache (C) = 1000 exceeds the 8 routed experts" in r.getMessage() for r in caplog.records)
 
 

@@ -245,7 +245,7 @@ def test_bad_tokenizer_files_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(TokenizerNotFoundError, match="nope.json") as info:
         build_tokenizer(str(missing))
     assert isinstance(info.value, (DataError, FileNotFoundError, MoesysError))
-    with pytest.raises(DataError, match="is not a file"):
+    with pytest.raises(DataError, match="has no tokenizer.json"):  # a folder is a Hugging Face model folder
         build_tokenizer(str(tmp_path))
     for name, data, needle in (("bad.json", b"{not json", "cannot load"), ("bin.json", b"\xff\xfe\x00", "not UTF-8"),
                                ("list.json", b"[1, 2]", "cannot load")):

@@ -17,7 +17,10 @@ class DataConfig:
         },
     )
     tokenizer: str = field(
-        default="byte", metadata={"help": "'byte' (byte-level, 256 bytes + EOS) or a path to a Hugging Face tokenizer.json."}
+        default="byte",
+        metadata={"help": "'byte' (byte-level, 256 bytes + EOS), a path to a Hugging Face tokenizer.json, or a Hugging "
+                          "Face model folder holding one (BOS/EOS from its config files); 'none': no tokenizer "
+                          "(serving with token-id prompts only)."},
     )
     val_fraction: float = field(
         default=0.02, metadata={"help": "Fraction of documents (files) held out for validation."}

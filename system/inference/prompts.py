@@ -125,7 +125,7 @@ def encode_prompts(prompts: Sequence[Prompt], tokenizer: Tokenizer | None, vocab
         bad = next((i for i in ids if not 0 <= i < vocab_size), None)
         if bad is not None:
             hint = "" if what == "has" else " (the tokenizer does not match the model)"
-            raise PlanError(f"prompt {n} {what} token id {bad}, outside the model's vocabulary [0, {vocab_size}) "
-                            f"(vocab_size {vocab_size}){hint}")
+            raise PlanError(f"prompt {n} {what} token id {bad}: outside [0, vocab_size) for the model's "
+                            f"vocab_size {vocab_size}{hint}")
         out.append([int(i) for i in ids])
     return out
