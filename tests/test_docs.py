@@ -149,7 +149,7 @@ def test_benchmark_results_have_pages(site: Path) -> None:
 
 def test_guides_and_diagrams_present(site: Path) -> None:
     for page in ("getting-started", "guides/multi-node", "guides/docker", "guides/checkpoints",
-                 "guides/offload-inference", "guides/cpu-tests", "architecture", "fssdp", "mofme"):
+                 "guides/offload-inference", "guides/hf-models", "guides/cpu-tests", "architecture", "fssdp", "mofme"):
         assert (site / page / "index.html").is_file(), page
     arch = (site / "architecture" / "index.html").read_text(encoding="utf-8")
     assert arch.count('class="mermaid"') >= 2, "the architecture page lost its Mermaid diagrams"
