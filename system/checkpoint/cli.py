@@ -6,8 +6,17 @@
 - ``moesys ckpt export PATH --format safetensors --out DIR [--overwrite]``: one consolidated Hugging Face
   style ``model.safetensors`` (+ ``config.json``) of the model weights, for inference or sharing. ``DIR``
   must not exist or be empty; ``--overwrite`` replaces an earlier export (never any other folder or file).
+- ``moesys ckpt export PATH --format hf --out DIR [--max-shard-size 5GB] [--tokenizer DIR] [--dtype bfloat16]
+  [--overwrite]``: a Hugging Face model folder of the model's family (``model.hf_model_type``, else inferred
+  from the architecture): per-expert tensors, shards + ``model.safetensors.index.json`` past
+  ``--max-shard-size``, ``config.json``, ``generation_config.json`` and the tokenizer files of ``--tokenizer``
+  (default: ``data.tokenizer`` when it is a Hugging Face folder). ``PATH`` may also be a model folder we
+  exported (``model.safetensors`` + our ``config.json``).
 - ``moesys ckpt import-dcp DCP_DIR --out PATH [--overwrite]``: convert a PyTorch DCP checkpoint (TorchTitan,
   Megatron ``torch_dist``) into this format. DCP's metadata is a pickle: import trusted ones only.
+- ``moesys ckpt import-hf HF_DIR --out PATH [--overwrite]``: convert a Hugging Face MoE model folder
+  (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3; safetensors) into this format, one tensor at a time;
+  the job config saved with it names the model and ``data.tokenizer = HF_DIR`` when it has a tokenizer.
 
 ``PATH`` is a checkpoint folder, or a root holding ``latest``.
 """
@@ -31,17 +40,29 @@ def add_parser(sub) -> None:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     v = cmds.add_parser("verify", help="recompute checksums and file sizes")
     v.add_argument("path")
-    e = cmds.add_parser("export", help="consolidated safetensors model")
+    e = cmds.add_parser("export", help="consolidated safetensors model, or a Hugging Face model folder")
     e.add_argument("path")
-    e.add_argument("--format", choices=["safetensors"], default="safetensors")
+    e.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                   help="safetensors: model.safetensors + our config.json; hf: a Hugging Face model folder")
     e.add_argument("--out", required=True,
-                   help="output folder (model.safetensors + config.json); must not exist, be empty, or be an "
-                        "earlier export (with --overwrite)")
+                   help="output folder; must not exist, be empty, or be an earlier export (with --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (nothing else)")
+    e.add_argument("--max-shard-size", default="5GB",
+                   help="--format hf: bytes per safetensors shard (5GB = 5e9, 2GiB = 2^31) [default: 5GB]")
+    e.add_argument("--tokenizer", default=None,
+                   help="--format hf: folder whose tokenizer.json, tokenizer_config.json and "
+                        "special_tokens_map.json are copied [default: data.tokenizer when it is one]")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="--format hf: cast the weights [default: as saved]")
     d = cmds.add_parser("import-dcp", help="convert a torch.distributed.checkpoint folder")
     d.add_argument("dcp_dir")
     d.add_argument("--out", required=True, help="checkpoint folder to write")
     d.add_argument("--overwrite", action="store_true",
+                   help="replace a committed checkpoint at --out (never a folder that is not a checkpoint)")
+    h = cmds.add_parser("import-hf", help="convert a Hugging Face MoE model folder")
+    h.add_argument("hf_dir")
+    h.add_argument("--out", required=True, help="checkpoint folder to write")
+    h.add_argument("--overwrite", action="store_true",
                    help="replace a committed checkpoint at --out (never a folder that is not a checkpoint)")
 
 
@@ -108,6 +129,38 @@ def cmd_export(path: str, out: str, overwrite: bool = False) -> int:
     return 0
 
 
+def cmd_export_hf(path: str, out: str, *, max_shard_size: str, tokenizer: str | None, dtype: str | None,
+                  overwrite: bool = False) -> int:
+    """Write the model of a checkpoint (or of an exported model folder) as a Hugging Face folder ``out``.
+
+    Raises:
+        ExportTargetError, CheckpointError, HFCheckpointError, ConfigError, PlanError (a bad
+            ``--max-shard-size``): see :func:`system.hf.convert.export_hf`.
+    """
+    import torch
+
+    from system.hf.convert import export_hf
+    from system.inference.plan import parse_bytes
+
+    shard = parse_bytes(max_shard_size)
+    folder, family, tok = export_hf(path, out, max_shard_size=shard or 0, tokenizer=tokenizer, overwrite=overwrite,
+                                    dtype=getattr(torch, dtype) if dtype else None)
+    weights = sorted(f.name for f in folder.glob("*.safetensors"))
+    total = sum((folder / w).stat().st_size for w in weights)
+    print(f"wrote {folder} ({family}: {len(weights)} safetensors file(s), {_size(total)}; config.json, "
+          f"generation_config.json" + (f"; tokenizer from {tok}" if tok else "; no tokenizer") + ")")
+    return 0
+
+
+def cmd_import_hf(hf_dir: str, out: str, overwrite: bool) -> int:
+    """Convert a Hugging Face model folder into this format."""
+    from system.hf.convert import import_hf
+
+    path = import_hf(hf_dir, out, overwrite=overwrite)
+    print(f"imported {hf_dir} -> {path}")
+    return 0
+
+
 def cmd_import_dcp(dcp_dir: str, out: str, overwrite: bool) -> int:
     """Convert a DCP checkpoint into this format."""
     from system.checkpoint import import_dcp
@@ -126,10 +179,19 @@ def run(args: argparse.Namespace) -> int:
             return cmd_inspect(args.path, args.json)
         if args.ckpt_command == "verify":
             return cmd_verify(args.path)
+        if args.ckpt_command == "export" and args.format == "hf":
+            return cmd_export_hf(args.path, args.out, max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                 dtype=args.dtype, overwrite=args.overwrite)
         if args.ckpt_command == "export":
+            hf_only = [f for f, v in (("--tokenizer", args.tokenizer), ("--dtype", args.dtype),
+                                      ("--max-shard-size", args.max_shard_size != "5GB")) if v]
+            if hf_only:
+                raise ValueError(f"{', '.join(hf_only)} apply to --format hf only")
             return cmd_export(args.path, args.out, args.overwrite)
         if args.ckpt_command == "import-dcp":
             return cmd_import_dcp(args.dcp_dir, args.out, args.overwrite)
+        if args.ckpt_command == "import-hf":
+            return cmd_import_hf(args.hf_dir, args.out, args.overwrite)
     except (MoesysError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

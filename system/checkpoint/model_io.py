@@ -17,6 +17,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -198,6 +199,32 @@ def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict
         ExportTargetError: ``path`` must not be replaced (the reason and the way out are named).
         CheckpointError: writing failed (the OS error and the folder are named).
     """
+    def write_files(tmp: Path) -> list[str]:
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": EXPORT_PRODUCER})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        return [MODEL_FILE, CONFIG_FILE]
+
+    return build_export(path, write_files, fmt="safetensors", overwrite=overwrite)
+
+
+def build_export(path: str | Path, write_files: Callable[[Path], list[str]], *, fmt: str,
+                 overwrite: bool = False) -> Path:
+    """Make the export folder ``path`` under :func:`write_model`'s safety rules; ``write_files`` fills it.
+
+    ``path`` is checked (:func:`check_export_target`), then ``write_files(tmp)`` writes the export
+    into a fresh hidden sibling ``tmp`` and returns the names of the files it wrote there; this adds
+    :data:`EXPORT_MARKER` (``fmt`` and those names), gives the files the umask's modes, fsyncs every
+    file and the folder, and renames (for an earlier export and ``overwrite``: swaps) it into place.
+    On any failure, including one raised by ``write_files``, only ``tmp`` is removed.
+
+    Returns:
+        ``path`` (absolute).
+
+    Raises:
+        ExportTargetError: ``path`` must not be replaced, or its parent cannot be created.
+        CheckpointError: writing failed with an ``OSError`` (the folder is named).
+        Whatever ``write_files`` raises.
+    """
     path = Path(os.path.abspath(path))
     replace = check_export_target(path, overwrite)
     parent = path.parent
@@ -207,10 +234,8 @@ def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict
     except OSError as e:
         raise ExportTargetError(f"cannot create the export folder {path}: {e}") from None
     try:
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "producer": EXPORT_PRODUCER})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        marker = {"producer": EXPORT_PRODUCER, "format": "safetensors", "created_unix_s": time.time(),
-                  "files": [MODEL_FILE, CONFIG_FILE]}
+        files = list(write_files(tmp))
+        marker = {"producer": EXPORT_PRODUCER, "format": fmt, "created_unix_s": time.time(), "files": files}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2))
         apply_umask(tmp)
         for f in tmp.iterdir():
@@ -229,74 +254,184 @@ def write_model(tensors: dict[str, torch.Tensor], path: str | Path, config: dict
     return path
 
 
-@torch.no_grad()
-def load_model(model: nn.Module, path: str | Path) -> None:
-    """Load ``path/model.safetensors`` into ``model``, each rank reading only what it holds.
+class SafetensorsReader:
+    """Our consolidated ``model.safetensors`` behind the reader interface :func:`load_weights` uses
+    (``shape(name)``, ``read_into(name, dst, start)``, ``bytes_read``), through ``safe_open(...).get_slice``.
 
-    Expert weights take rows ``[expert_offset, expert_offset + E_local)`` of the saved global axis;
-    FSDP2 DTensors take their local shard; everything else is copied whole.
+    Raises:
+        ModelFileError: the file is not valid safetensors.
+    """
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.bytes_read = 0
+        try:
+            self._cm = safe_open(str(file), framework="pt", device="cpu")
+            self._f = self._cm.__enter__()
+        except SafetensorError as e:
+            raise ModelFileError(f"{file} is not a valid safetensors file: {e}") from None
+        self._keys = set(self._f.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Saved global shape of ``name`` (``KeyError`` naming the file when absent)."""
+        if name not in self._keys:
+            raise KeyError(f"tensor {name!r} missing from {self.file}")
+        return tuple(self._f.get_slice(name).get_shape())
+
+    def read_into(self, name: str, dst: torch.Tensor, start: int = 0) -> None:
+        """Copy rows ``[start, start + dst.shape[0])`` (axis 0) of ``name`` into ``dst`` (all of it for a 0-d tensor)."""
+        sl = self._f.get_slice(name)
+        value = sl[start : start + dst.shape[0]] if dst.dim() else sl[:]
+        self.bytes_read += value.numel() * value.element_size()
+        dst.copy_(value)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._cm.__exit__(None, None, None)
+
+
+def open_weights(model: nn.Module, path: str | Path):
+    """The reader of the weights at ``path`` for ``model``: a Hugging Face folder
+    (:class:`system.hf.weights.HFCheckpoint`, ``config.json`` with a ``model_type``) or our model folder
+    (:class:`SafetensorsReader`).
+
+    Raises:
+        ModelNotFoundError: the folder or its weights file is missing.
+        ModelFileError: the file is not valid safetensors.
+        HFCheckpointError: a Hugging Face folder that cannot be read (see :class:`~system.hf.weights.HFCheckpoint`).
+    """
+    from system.hf.config import is_hf_folder
+
+    if is_hf_folder(path):
+        from system.hf.weights import HFCheckpoint
+
+        shapes = {name: _global_shape(model, name, t) for name, t in model.state_dict().items()
+                  if _fssdp_owner(model, name) is None}
+        for name, fssdp in _fssdp_modules(model):
+            for wname, per_expert in fssdp.kind.layout:
+                shapes[f"{name}.{wname}"] = (fssdp.num_global_experts, *per_expert)
+        return HFCheckpoint(path, model.cfg, model.moe_cfg, expected=shapes)
+    file = Path(path) / MODEL_FILE
+    if not file.is_file():
+        where = f"{path} does not exist" if not Path(path).exists() else f"{file} is missing"
+        raise ModelNotFoundError(f"no saved model: {where}")
+    return SafetensorsReader(file)
+
+
+def _fssdp_modules(model: nn.Module):
+    for name, module in model.named_modules():
+        if hasattr(module, "full_weights") and hasattr(module, "owned"):
+            yield name, module
+
+
+def _global_shape(model: nn.Module, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
+    owner = _expert_owner(model, name)
+    if owner is not None:
+        return (owner.num_global_experts,) + tuple(tensor.shape[1:])
+    return tuple(tensor.shape)
+
+
+@torch.no_grad()
+def load_model(model: nn.Module, path: str | Path) -> int:
+    """Load the weights at ``path`` into ``model``, each rank reading only what it holds.
+
+    ``path`` is our model folder (``model.safetensors``, global shapes) or a Hugging Face model folder
+    (read in place, :mod:`system.hf.weights`). Expert weights take rows ``[expert_offset, expert_offset
+    + E_local)`` of the global expert axis; FSSDP owned buffers their owned experts; FSDP2 DTensors
+    sharded on dim 0 the rows of their local shard; everything else is copied whole. A rank's peak
+    extra memory is one tensor (a Hugging Face expert is read and transposed one at a time).
+
+    Returns:
+        Bytes this rank read from the files.
 
     Raises:
         ModelNotFoundError: the folder or the model file is missing (a ``FileNotFoundError``).
         ModelFileError: the file is not valid safetensors (a header or offsets beyond the file, bad
             JSON; the file and safetensors' reason are named).
+        HFCheckpointError: a Hugging Face folder that cannot be used (unsupported architecture, missing
+            shard or tensor, wrong shape or dtype; named).
         KeyError: a tensor of the model is absent from the file (named).
         ValueError: a saved shape differs from the model's global shape (tensor and shapes named).
     """
-    file = Path(path) / MODEL_FILE
-    if not file.is_file():
-        where = f"{path} does not exist" if not Path(path).exists() else f"{file} is missing"
-        raise ModelNotFoundError(f"no saved model: {where}")
-    state = model.state_dict()
+    reader = open_weights(model, path)
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            _load_into(model, state, f, file)
-    except SafetensorError as e:
-        raise ModelFileError(f"{file} is not a valid safetensors file: {e}") from None
+        load_weights(model, reader)
+        return reader.bytes_read
+    finally:
+        reader.close()
 
 
-def _load_into(model: nn.Module, state: dict, f, file: Path) -> None:
-    """Copy each tensor of ``state`` from the open safetensors ``f`` (see :func:`load_model`)."""
-    saved = set(f.keys())
-    for name, target in state.items():
+OPTIONAL_TENSORS = ("router.expert_bias",)
+"""Tensors a checkpoint may lack (left as initialised): the expert-bias of auxiliary-loss-free
+balancing when a model trained without it is fine-tuned with ``moe.load_balance = "bias"``."""
+
+
+def load_weights(model: nn.Module, reader) -> None:
+    """Fill every parameter and persistent buffer of ``model`` from ``reader`` (see :func:`load_model`).
+
+    ``reader`` provides ``shape(name)`` or ``sources[name].shape`` (global shape), ``read_into(name, dst,
+    start)`` (rows ``[start, start + len(dst))`` of axis 0) and ``__contains__``.
+    """
+    where = getattr(reader, "file", None) or getattr(reader, "path", "")
+    for name, target in model.state_dict().items():
         fssdp = _fssdp_owner(model, name)
         if fssdp is not None:
-            _load_fssdp_rows(f, file, name.rpartition(".")[0], fssdp, target)
+            _load_fssdp_rows(reader, where, name.rpartition(".")[0], fssdp, target)
             continue
-        if name not in saved:
-            raise KeyError(f"tensor {name!r} missing from {file}")
-        sl = f.get_slice(name)
-        saved_shape = tuple(sl.get_shape())
+        if name not in reader:
+            if name.endswith(OPTIONAL_TENSORS):
+                continue
+            raise KeyError(f"tensor {name!r} missing from {where}")
+        saved_shape = _saved_shape(reader, name)
         owner = _expert_owner(model, name)
         if owner is not None:
-            global_shape = (owner.num_global_experts,) + tuple(target.shape[1:])
-            _check_shape(name, file, saved_shape, global_shape)
-            lo = owner.expert_offset
-            target.copy_(sl[lo : lo + target.shape[0]])
+            _check_shape(name, where, saved_shape, (owner.num_global_experts,) + tuple(target.shape[1:]))
+            reader.read_into(name, target, start=owner.expert_offset)
         elif isinstance(target, DTensor):
-            _check_shape(name, file, saved_shape, tuple(target.shape))
-            full = sl[:].to(target.dtype)
-            local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-            target.to_local().copy_(local.to_local())
+            _check_shape(name, where, saved_shape, tuple(target.shape))
+            _load_dtensor(reader, name, target)
         else:
-            _check_shape(name, file, saved_shape, tuple(target.shape))
-            target.copy_(sl[:])
+            _check_shape(name, where, saved_shape, tuple(target.shape))
+            reader.read_into(name, target)
 
 
-def _load_fssdp_rows(f, file: Path, prefix: str, module, target: torch.Tensor) -> None:
+def _saved_shape(reader, name: str) -> tuple[int, ...]:
+    return tuple(reader.shape(name)) if hasattr(reader, "shape") else tuple(reader.sources[name].shape)
+
+
+def _load_dtensor(reader, name: str, target: DTensor) -> None:
+    """A DTensor's local shard: the rows of its dim-0 shard read directly; any other placement via the full tensor."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = target.to_local()
+    if all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in target.placements):
+        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        if tuple(shape) == tuple(local.shape):
+            if local.numel():
+                reader.read_into(name, local, start=offset[0] if offset else 0)
+            return
+    full = torch.empty(target.shape, dtype=local.dtype)
+    reader.read_into(name, full)
+    local.copy_(distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local())
+
+
+def _load_fssdp_rows(reader, where, prefix: str, module, target: torch.Tensor) -> None:
     """Fill an FSSDP owned buffer ``[n_owned, P]`` from the saved global expert tensors (kind's layout)."""
     num = module.num_global_experts
     owned = module.state.ownership.owned(module.state.rank).tolist()
     offset = 0
     for wname, per_expert in module.kind.layout:
         key = f"{prefix}.{wname}"
-        if key not in f.keys():
-            raise KeyError(f"tensor {key!r} missing from {file}")
-        sl = f.get_slice(key)
-        _check_shape(key, file, tuple(sl.get_shape()), (num, *per_expert))
+        if key not in reader:
+            raise KeyError(f"tensor {key!r} missing from {where}")
+        _check_shape(key, where, _saved_shape(reader, key), (num, *per_expert))
         width = math.prod(per_expert)
         for row, expert in enumerate(owned):
-            target[row, offset : offset + width].copy_(sl[expert : expert + 1].reshape(-1))
+            reader.read_into(key, target[row, offset : offset + width].view(1, *per_expert), start=expert)
         offset += width
 
 

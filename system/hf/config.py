@@ -250,7 +250,7 @@ def _model_section(f: _Fields, family: str) -> ModelConfig:
     m.head_dim = head_dim
     if family == "qwen2_moe":
         m.qkv_bias = bool(f.raw.get("qkv_bias", True))
-    else:
+    elif family != "mixtral":  # transformers' Mixtral has no attention biases (a stray field is ignored there too)
         m.qkv_bias = m.o_bias = bool(f.raw.get("attention_bias", False))
     m.qk_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none")
     return m
