@@ -3,7 +3,8 @@
 One :class:`Trainer` per rank, launched by torchrun (``python -m system.train.main``). A step:
 ``grad_accum`` micro-batches of forward + backward (cross-entropy + MoE auxiliary losses), gradient
 reduction (dense: averaged over all ranks, or FSDP2 reduce-scatter; experts: over their ``dp``
-replicas), clipping to the global norm, AdamW, LR schedule.
+replicas), clipping to the global norm, AdamW, LR schedule, and with ``moe.load_balance = "bias"`` the
+routers' selection-bias update from the step's expert loads (:func:`~system.moe.balance.update_expert_bias`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from system.checkpoint.manager import CheckpointManager
-from system.checkpoint.model_io import save_model
+from system.checkpoint.model_io import load_model, save_model
 from system.checkpoint.storage import read_latest, step_dir_name
 from system.config.job import JobConfig
 from system.config.loader import ConfigError, config_to_dict
@@ -33,6 +34,7 @@ from system.distributed import ParallelDims, init_distributed, pick_device
 from system.inference.generate import greedy_generate
 from system.models.model import MoETransformer
 from system.models.parallelize import parallelize_model
+from system.moe.balance import update_expert_bias
 from system.parallel.grads import clip_grad_norm_, sync_gradients
 from system.errors import DataError, RunFolderError
 from system.train.lifecycle import Preempted, preempt_requested, stop_signal_name
@@ -196,6 +198,11 @@ class Trainer:
                 self.last_loss = float(resumed.extra["last_loss"])
         elif resume:
             logger.info("checkpoint: nothing under %s yet, starting from step 0", root)
+        if resume_path is None and ccfg.initial_load_path:
+            t0 = time.perf_counter()
+            nbytes = load_model(self.model, ccfg.initial_load_path)
+            logger.info("initial weights: %s (rank 0 read %.1f MB in %.1f s)", ccfg.initial_load_path, nbytes / 1e6,
+                        time.perf_counter() - t0)
         self.start_step = self.step
         continuing = bool(resume) or restart > 0 or continue_run
         self.metrics = MetricsLogger(self.run_dir, self.rank, tensorboard=cfg.metrics.tensorboard,
@@ -310,6 +317,8 @@ class Trainer:
         norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.cfg.moe.load_balance == "bias":  # aux-loss-free balancing from the whole step's global loads
+            update_expert_bias(moe_layers, load)
         if self.fssdp is not None:
             self.fssdp.end_step(self.optimizer)
         self.step += 1
