@@ -86,3 +86,39 @@ def test_distributed_load_reads_only_owned_bytes(hf_dirs):
             assert (r["logits"] - ref).abs().max().item() <= ATOL, (fam, layout, rank)
             assert r["bytes"] == r["expected"], (fam, layout, rank)
         assert max(results[rank][(fam, layout)]["bytes"] for rank in (0, 1)) < 0.9 * files, (fam, layout)
+
+
+ROPE_CASES = [
+    ("deepseek_v3", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}),
+    ("mixtral", {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}),
+    ("mixtral", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    ("qwen3_moe", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64}),
+]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("family,rope", ROPE_CASES, ids=[f"{f}-{r['rope_type']}" for f, r in ROPE_CASES])
+def test_rope_scaling_equals_transformers(family, rope, legacy, tmp_path):
+    """Linear, YaRN (with DeepSeek's mscale) and Llama-3 rotary scaling, over 200 positions (past the
+    original 64), as transformers 5 writes them (``rope_parameters``) and as older configs on the hub do
+    (``rope_theta`` + ``rope_scaling`` with ``type``)."""
+    import json
+
+    from system.checkpoint.model_io import load_model
+
+    path = save_model(family, tmp_path / "m", rope_parameters=dict(rope))
+    if legacy:
+        cfg = json.loads((path / "config.json").read_text())
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")
+        cfg["rope_scaling"] = params
+        (path / "config.json").write_text(json.dumps(cfg))
+    model = _our_model(path)
+    load_model(model, path)
+    tokens = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.eval()(tokens)
+    assert (ours - hf_logits(path, tokens)).abs().max().item() <= ATOL
