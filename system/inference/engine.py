@@ -1,8 +1,9 @@
 """Serve a saved MoE model, resident or offloaded through a ring of slots (SE-MoE, arXiv 2205.10034, sec. 3.3.2).
 
 :class:`OffloadEngine` opens a checkpoint folder (``model.safetensors`` + ``config.json``, as
-:func:`system.checkpoint.model_io.save_model` writes it), checks the plan
-(:mod:`system.inference.plan`), loads the resident weights onto the device and, per mode:
+:func:`system.checkpoint.model_io.save_model` writes it, or a Hugging Face model folder of a supported
+family, read in place: :func:`open_checkpoint`), checks the plan (:mod:`system.inference.plan`), loads
+the resident weights onto the device and, per mode:
 
 - ``offload="none"``: every weight resident; the reference path.
 - ``offload="ring"``: block FFNs stream from the host tier through ``K`` slots
@@ -13,6 +14,12 @@
 All modes run the same decode code (:func:`system.inference.loop.generate_batch`), so ring and
 experts outputs are bitwise those of the resident engine on CPU. Inference is dropless: a
 ``moe.capacity_factor`` from training is ignored.
+
+Weights are read through one interface (:class:`~system.inference.mmap_file.WeightFiles`): per tensor
+its stored pieces, copied byte for byte from the mapped files into device memory, a ring slot or an
+expert slot. A Hugging Face checkpoint's routed experts keep its orientation (the transpose of ours) in
+every mode, bound as transposed views, so resident, ring and experts run identical arithmetic; no
+converted copy is written anywhere.
 """
 
 from __future__ import annotations
@@ -31,13 +38,15 @@ from system.config.loader import ConfigError, apply_dict
 from system.inference.decoder import default_ffn
 from system.inference.expert_cache import ExpertCache, ExpertHost, expert_slot_layout
 from system.inference.loop import GenerationStats, generate_batch
-from system.inference.mmap_file import MmapCheckpoint, ModelFilesNotFoundError
+from system.hf.config import HFModelConfig, is_hf_folder, read_hf_config
+from system.inference.mmap_file import MmapCheckpoint, ModelFilesNotFoundError, WeightFiles
 from system.inference.plan import PlanError, check_checkpoint, make_plan, parse_bytes
 from system.inference.prompts import Prompt, encode_prompts, model_vocab_size, resolve_tokenizer
 from system.inference.ring import EventLog, RingScheduler, SlotRing
 from system.inference.sampling import METHODS, Sampler, SamplingConfig
 from system.inference.sections import (
-    ModelLayout, build_skeleton, expected_tensors, pack_section, section_index, split_model,
+    ModelLayout, build_skeleton, expected_tensors, expert_views, load_tensor, pack_section, section_copies,
+    section_index, split_model,
 )
 from system.inference.transport import CudaTransport, HostTier, Link, ThreadTransport
 from system.models.model import MoETransformer, precompute_rope
@@ -53,12 +62,18 @@ here directly so that serving does not import the checkpoint package and its DTe
 def load_job_config(checkpoint_dir: str | Path) -> JobConfig:
     """The ``[model]``, ``[moe]`` and ``[data]`` sections saved beside a model (others are ignored).
 
+    A Hugging Face model folder (:func:`system.hf.config.is_hf_folder`) gives ``[model]`` and ``[moe]``
+    from its ``config.json`` (:func:`system.hf.config.read_hf_config`) and ``data.tokenizer = "none"``
+    (its ``tokenizer.json``, if any, is found by :func:`system.inference.prompts.resolve_tokenizer`).
+
     Raises:
         ModelFilesNotFoundError: the folder or its ``config.json`` does not exist (a
             ``FileNotFoundError``; a training checkpoint folder is recognised and the export
             command suggested).
         ConfigError: ``config.json`` is not a JSON object, or a value is wrong or out of range (the
             file and the key are named).
+        HFCheckpointError: a Hugging Face ``config.json`` of an unsupported architecture or with a field
+            we cannot honour (named; see :func:`~system.hf.config.read_hf_config`).
     """
     folder = Path(checkpoint_dir)
     file = folder / CONFIG_FILE
@@ -66,6 +81,8 @@ def load_job_config(checkpoint_dir: str | Path) -> JobConfig:
         what = "does not exist" if not folder.exists() else "is not a folder"
         raise ModelFilesNotFoundError(f"model folder {folder} {what} (give a folder with model.safetensors and "
                                       f"{CONFIG_FILE})")
+    if is_hf_folder(folder):
+        return hf_job_config(read_hf_config(folder))
     if not file.is_file():
         hint = ""
         if (folder / "metadata.json").is_file() or (folder / "latest").is_file():
@@ -91,6 +108,42 @@ def load_job_config(checkpoint_dir: str | Path) -> JobConfig:
         raise ConfigError(f"{file}: {e}") from None
     cfg.moe.capacity_factor = 0.0
     return cfg
+
+
+def hf_job_config(hf: HFModelConfig) -> JobConfig:
+    """A job config serving the Hugging Face model ``hf``: its ``[model]`` and ``[moe]``, dropless
+    (``moe.capacity_factor = 0``), ``data.tokenizer = "none"``."""
+    cfg = JobConfig()
+    cfg.model, cfg.moe = hf.model, hf.moe
+    cfg.moe.capacity_factor = 0.0
+    cfg.data.tokenizer = "none"
+    return cfg
+
+
+def open_checkpoint(checkpoint_dir: str | Path, job: JobConfig, expected: dict[str, tuple[int, ...]]) -> WeightFiles:
+    """The weights of a model folder, mapped read-only: a Hugging Face folder
+    (:class:`system.hf.weights.HFCheckpoint`, its shards in place, routed experts as per-expert pieces
+    holding the transpose of our slices) or ours (:class:`~system.inference.mmap_file.MmapCheckpoint`).
+    Nothing is written to the folder.
+
+    Args:
+        checkpoint_dir: the folder.
+        job: its job config (:func:`load_job_config`): the model the weights are mapped onto.
+        expected: ``{our name: shape}`` of every tensor the model holds
+            (:func:`~system.inference.sections.expected_tensors`).
+
+    Raises:
+        ModelFilesNotFoundError: our folder holds no ``model.safetensors`` nor index.
+        SafetensorsFileError: a malformed safetensors file or index.
+        HFCheckpointError: a Hugging Face folder without weights, a shard its index names missing, a tensor
+            missing or of the wrong shape or dtype (named with its file).
+    """
+    if is_hf_folder(checkpoint_dir):
+        # Imported here: system.hf.weights imports this package's mmap_file (a top-level import would cycle).
+        from system.hf.weights import HFCheckpoint
+
+        return HFCheckpoint(checkpoint_dir, job.model, job.moe, expected=expected)
+    return MmapCheckpoint(checkpoint_dir)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -155,21 +208,22 @@ def check_request(*, max_new_tokens: int, batch_size: int, offload: str, slots: 
     return resolve_device(device)
 
 
-def materialize(skeleton: MoETransformer, ckpt: MmapCheckpoint, load: set[str], device: torch.device,
+def materialize(skeleton: MoETransformer, ckpt: WeightFiles, load: set[str], device: torch.device,
                 shape_only: frozenset[str] = frozenset()) -> MoETransformer:
     """Turn the meta ``skeleton`` into a device model in place: tensors in ``load`` are copied from the
-    checkpoint, those in ``shape_only`` stay on ``meta`` (their shapes are read, their values never),
-    the others hold empty placeholders (to be bound to ring slot views)."""
+    checkpoint (each read once, in its stored dtype and orientation:
+    :func:`~system.inference.sections.load_tensor`), those in ``shape_only`` stay on ``meta`` (their
+    shapes are read, their values never), the others hold empty placeholders (to be bound to ring slot
+    views)."""
     placeholders: dict[torch.dtype, torch.Tensor] = {}
     for name in expected_tensors(skeleton):
-        info = ckpt.info(name)
         if name in shape_only:
             continue
         if name in load:
-            value = torch.empty(info.shape, dtype=info.dtype, device=device)
-            value.copy_(ckpt.tensor(name))
+            value = load_tensor(ckpt, name, device)
         else:
-            value = placeholders.setdefault(info.dtype, torch.empty(0, dtype=info.dtype, device=device))
+            dtype = ckpt.source(name).dtype
+            value = placeholders.setdefault(dtype, torch.empty(0, dtype=dtype, device=device))
         module_name, _, leaf = name.rpartition(".")
         module = skeleton.get_submodule(module_name)
         if leaf in module._parameters:
@@ -181,8 +235,9 @@ def materialize(skeleton: MoETransformer, ckpt: MmapCheckpoint, load: set[str], 
     return skeleton.eval()
 
 
-def ring_host_tier(layout: ModelLayout, ckpt: MmapCheckpoint, device: torch.device) -> HostTier:
-    """Host tier of the ring: per section, zero-copy mmap views (CPU) or one packed pinned buffer (CUDA)."""
+def ring_host_tier(layout: ModelLayout, ckpt: WeightFiles, device: torch.device) -> HostTier:
+    """Host tier of the ring: per section, zero-copy mmap views of its stored pieces (CPU; one per tensor,
+    or per expert and weight from a Hugging Face folder) or one packed pinned buffer (CUDA)."""
     host = []
     for sec in layout.sections:
         if device.type == "cuda":
@@ -190,22 +245,26 @@ def ring_host_tier(layout: ModelLayout, ckpt: MmapCheckpoint, device: torch.devi
             pack_section(sec, ckpt, buf)
             host.append([(buf, 0, sec.nbytes)])
         else:
-            host.append([(ckpt.raw(t.name), t.offset, t.nbytes) for t in sec.tensors])
+            host.append(section_copies(sec, ckpt))
     return host
 
 
-def expert_host_tier(layout: ModelLayout, ckpt: MmapCheckpoint, device: torch.device) -> ExpertHost:
-    """Host tier of the experts mode: per ``(block, expert)``, slices of ``w1``/``w2``/``w3``."""
+def expert_host_tier(layout: ModelLayout, ckpt: WeightFiles, device: torch.device) -> ExpertHost:
+    """Host tier of the experts mode: per ``(block, expert)``, that expert's stored bytes of ``w1``/``w2``/``w3``
+    (zero-copy mmap views on CPU; on CUDA copied once into one pinned buffer per block and weight)."""
     host: ExpertHost = {}
     for sec in layout.sections:
         if sec.kind != "moe":
             continue
-        for wname, _, _, offset, nbytes in expert_slot_layout(sec)[0]:
-            raw = ckpt.raw(f"layers.{sec.index}.moe.experts.{wname}")
+        for wname, _, _, _, offset, nbytes in expert_slot_layout(sec)[0]:
+            views = expert_views(ckpt, f"layers.{sec.index}.moe.experts.{wname}")
             if device.type == "cuda":
-                raw = raw.clone().pin_memory()
-            for e in range(raw.numel() // nbytes):
-                host.setdefault((sec.index, e), []).append((raw[e * nbytes : (e + 1) * nbytes], offset, nbytes))
+                pinned = torch.empty(len(views) * nbytes, dtype=torch.uint8, pin_memory=True)
+                for e, view in enumerate(views):
+                    pinned[e * nbytes : (e + 1) * nbytes].copy_(view)
+                views = [pinned[e * nbytes : (e + 1) * nbytes] for e in range(len(views))]
+            for e, view in enumerate(views):
+                host.setdefault((sec.index, e), []).append((view, offset, nbytes))
     return host
 
 
@@ -213,7 +272,8 @@ class OffloadEngine:
     """A loaded model ready to generate, resident or offloaded.
 
     Args:
-        checkpoint_dir: folder with ``model.safetensors`` and ``config.json``.
+        checkpoint_dir: folder with ``model.safetensors`` and ``config.json``, or a Hugging Face model
+            folder (``config.json`` with a ``model_type``, safetensors shards), read in place.
         offload: ``"none"``, ``"ring"`` or ``"experts"``.
         slots: K ring slots (ring mode; ``K >= N`` keeps every section in a slot after the first pass).
         device: ``"cpu"`` or ``"cuda[:i]"`` (the device tier).
@@ -227,12 +287,18 @@ class OffloadEngine:
         check_stamps: check ring slot generation stamps around each compute.
         transport: a custom transport (tests); default: CUDA or thread transport by device.
 
+    Attributes:
+        hf_config: the Hugging Face config (:class:`~system.hf.config.HFModelConfig`: its
+            ``eos_token_ids``, ``bos_token_id``) when ``checkpoint_dir`` is a Hugging Face folder, else ``None``.
+
     Raises:
         PlanError: the plan cannot run (checkpoint mismatch, K < 1, a section larger than a slot,
             the budget too small, a device that is not usable); nothing has been allocated then.
         ModelFilesNotFoundError: no folder, model file or config (a ``FileNotFoundError``).
         SafetensorsFileError: the model file is malformed (see :mod:`system.inference.mmap_file`).
         ConfigError: ``config.json`` is malformed or holds a bad value.
+        HFCheckpointError: a Hugging Face folder that cannot be served (see :func:`load_job_config` and
+            :func:`open_checkpoint`).
         DataError: the saved tokenizer cannot be loaded.
     """
 
@@ -240,7 +306,8 @@ class OffloadEngine:
                  device_memory: str | int | None = None, max_batch_size: int = 8, max_seq_len: int | None = None,
                  link_bandwidth: str | float | None = None, expert_cache: int | None = None,
                  event_log: bool = False, check_stamps: bool = True, transport=None):
-        self.job = load_job_config(checkpoint_dir)
+        self.hf_config = read_hf_config(checkpoint_dir) if is_hf_folder(checkpoint_dir) else None
+        self.job = load_job_config(checkpoint_dir) if self.hf_config is None else hf_job_config(self.hf_config)
         cfg, moe = self.job.model, self.job.moe
         self.checkpoint_dir = Path(checkpoint_dir)
         self._tokenizer, self._tokenizer_built = None, False
@@ -248,11 +315,12 @@ class OffloadEngine:
             cfg.vocab_size = model_vocab_size(0, self.tokenizer)
         self.device = resolve_device(device)
         self.mode = offload
-        self.ckpt = MmapCheckpoint(checkpoint_dir)
         skeleton = build_skeleton(cfg, moe)
-        check_checkpoint(expected_tensors(skeleton), self.ckpt)
+        expected = expected_tensors(skeleton)
+        self.ckpt = open_checkpoint(checkpoint_dir, self.job, expected)
+        check_checkpoint(expected, self.ckpt)
         self.layout = split_model(skeleton, self.ckpt)
-        elem = self.ckpt.info("tok_embeddings.weight").dtype.itemsize
+        elem = self.ckpt.source("tok_embeddings.weight").dtype.itemsize
         seq = max_seq_len or cfg.max_seq_len
         if seq > cfg.max_seq_len:
             raise PlanError(f"max_seq_len {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")

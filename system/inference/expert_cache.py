@@ -29,7 +29,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from system.inference.sections import Section, align_up
+from system.inference.sections import Section, align_up, typed_view
 from system.inference.transport import Link
 from system.moe.experts import autocast_inputs
 from system.moe.layer import MoELayer
@@ -38,20 +38,29 @@ ExpertHost = dict[tuple[int, int], list[tuple[torch.Tensor, int, int]]]
 """``(block, expert) -> [(src uint8 [n], offset in the expert slot, n)]`` for each expert tensor (``w1``, ``w2``, ``w3``)."""
 
 
-def expert_slot_layout(section: Section) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int, int]], int]:
+SlotEntry = tuple[str, torch.dtype, tuple[int, ...], bool, int, int]
+"""One expert tensor in an expert slot: ``(weight name, dtype, per-expert shape (ours), transposed, offset,
+nbytes)``."""
+
+
+def expert_slot_layout(section: Section) -> tuple[list[SlotEntry], int]:
     """Layout of one expert of a MoE section in an expert slot.
 
+    Each tensor is one expert's stored bytes, as the checkpoint holds them (``transposed``: Hugging
+    Face's orientation, bound through :func:`~system.inference.sections.typed_view`).
+
     Returns:
-        ``([(weight name (w1|w2|w3, or the FME tensors), dtype, per-expert shape, offset, nbytes)], slot bytes)``.
+        ``([(weight name (w1|w2|w3, or the FME tensors), dtype, per-expert shape, transposed, offset, nbytes)],
+        slot bytes)``.
     """
     layout, offset = [], 0
     for t in section.tensors:
         if ".moe.experts." not in t.name:
             continue
         nbytes = t.nbytes // t.shape[0]
-        layout.append((t.name.rsplit(".", 1)[1], t.dtype, t.shape[1:], offset, nbytes))
+        layout.append((t.name.rsplit(".", 1)[1], t.dtype, t.shape[1:], t.transposed, offset, nbytes))
         offset = align_up(offset + nbytes)
-    return layout, (layout[-1][3] + layout[-1][4]) if layout else 0
+    return layout, (layout[-1][4] + layout[-1][5]) if layout else 0
 
 
 class ExpertCache:
@@ -76,7 +85,8 @@ class ExpertCache:
         self.layout, _ = expert_slot_layout(moe_sections[0]) if moe_sections else ([], 0)
         self.pool = torch.empty(capacity, slot_bytes, dtype=torch.uint8, device=device)
         self.views = [
-            {name: self.pool[s, off : off + n].view(dtype).view(shape) for name, dtype, shape, off, n in self.layout}
+            {name: typed_view(self.pool[s, off : off + n], dtype, shape, tr)
+             for name, dtype, shape, tr, off, n in self.layout}
             for s in range(capacity)
         ]
         self.host = host
@@ -132,7 +142,7 @@ class ExpertCache:
         acc = torch.zeros(xf.shape[0], ys.shape[-1], dtype=torch.float32, device=xf.device)
         out = moe.expert_outputs(acc.index_add(0, token_of, ys.float() * weights[:, None]), ctx)
         if moe.shared_experts is not None:
-            out = out + moe.shared_experts(xf)
+            out = out + moe.shared_output(xf)
         return out.to(x.dtype).view(shape)
 
     def run_ffn(self, i: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:

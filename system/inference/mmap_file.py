@@ -7,6 +7,12 @@ read-only (``MAP_SHARED``, ``PROT_READ``): a view of a tensor is a ``torch.fromb
 mapping, so reading it touches page-cache pages only. Such pages are file-backed: they are not
 anonymous memory and do not count against ``RLIMIT_DATA``. This is the host tier of the ring-offload
 engine on a CPU-only machine (SE-MoE, arXiv 2205.10034, sec. 3.3.2).
+
+The serving engine reads weights through one interface, :class:`WeightFiles`, which both our folder
+(:class:`MmapCheckpoint`) and a Hugging Face folder (:class:`system.hf.weights.HFCheckpoint`) provide:
+``source(name)`` says how a tensor is stored (a :class:`Source`: dtype, our logical shape, the
+contiguous byte ranges of files holding it, and whether each holds the transpose of its slice), and
+``piece_view(piece)`` is a zero-copy ``uint8`` view of one range in the mapping.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -41,6 +48,96 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One contiguous byte range ``[offset, offset + nbytes)`` of ``file``, holding (part of) the stored
+    tensor ``hf_name`` (its name in the file: the Hugging Face name in a Hugging Face folder, ours in ours)."""
+
+    hf_name: str
+    file: Path
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """How one of our tensors is stored.
+
+    Attributes:
+        name: our parameter name.
+        dtype: stored dtype.
+        shape: our (logical) shape.
+        pieces: contiguous byte ranges in order. For expert tensors one per expert (``len == E``), else one.
+        transposed: each piece holds the transpose of its slice (the last two axes swapped):
+            ``stored_shape`` is then the slice shape with its last two axes swapped.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    transposed: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor."""
+        return sum(p.nbytes for p in self.pieces)
+
+    @property
+    def piece_shape(self) -> tuple[int, ...]:
+        """Shape of one piece's bytes as stored (``[f, d]`` for an HF expert ``gate_proj``)."""
+        inner = self.shape[1:] if len(self.pieces) > 1 else self.shape
+        return inner[:-2] + (inner[-1], inner[-2]) if self.transposed else inner
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of the pieces' bytes laid end to end: ``shape``, with its last two axes swapped when
+        :attr:`transposed` (``[E, f, d]`` for our ``w1`` ``[E, d, f]`` read from Hugging Face)."""
+        return self.shape[:-2] + (self.shape[-1], self.shape[-2]) if self.transposed else self.shape
+
+
+class WeightFiles(Protocol):
+    """What the serving engine reads weights through (:class:`MmapCheckpoint`, and
+    :class:`system.hf.weights.HFCheckpoint`). Views share memory with read-only mappings: never write to
+    them, and keep the object alive while they are used."""
+
+    path: Path
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def source(self, name: str) -> Source:
+        """How our tensor ``name`` is stored (``KeyError`` naming the folder when absent)."""
+        ...
+
+    def piece_view(self, piece: Piece) -> torch.Tensor:
+        """Flat ``uint8`` view ``[piece.nbytes]`` of ``piece`` in the mapping of its file (zero copy)."""
+        ...
+
+    def close(self) -> None:
+        """Drop the mappings (views already made keep theirs alive)."""
+        ...
+
+
+def map_file(file: Path) -> mmap.mmap:
+    """A read-only ``MAP_SHARED`` mapping of the whole ``file`` (an empty file cannot be mapped: raises
+    ``ValueError``; ``OSError`` when it cannot be opened)."""
+    with open(file, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def byte_view(mapping: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
+    """Flat ``uint8`` view ``[nbytes]`` of ``mapping`` at byte ``offset`` (zero copy; read-only by contract).
+
+    Raises:
+        ValueError: the range lies outside the mapping.
+    """
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # the mapping is read-only; we never write through the view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset)
 
 
 class SafetensorsFileError(MoesysError, ValueError):
@@ -144,10 +241,7 @@ class MmapCheckpoint:
         self.infos: dict[str, TensorInfo] = {}
         for f in files:
             self.infos.update(read_header(f))
-        self._maps: dict[Path, mmap.mmap] = {}
-        for f in files:
-            with open(f, "rb") as fh:
-                self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps: dict[Path, mmap.mmap] = {f: map_file(f) for f in files}
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -162,11 +256,16 @@ class MmapCheckpoint:
     def raw(self, name: str) -> torch.Tensor:
         """Flat ``uint8`` view ``[nbytes]`` of a tensor's bytes in the mapping (zero copy)."""
         info = self.info(name)
-        if info.nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        with warnings.catch_warnings():  # the mapping is read-only; we never write through the view
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(self._maps[info.file], dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return byte_view(self._maps[info.file], info.offset, info.nbytes)
+
+    def source(self, name: str) -> Source:
+        """How ``name`` is stored: one piece, in our layout (:class:`WeightFiles`; ``KeyError`` when absent)."""
+        info = self.info(name)
+        return Source(name, info.dtype, info.shape, (Piece(name, info.file, info.offset, info.nbytes),))
+
+    def piece_view(self, piece: Piece) -> torch.Tensor:
+        """Flat ``uint8`` view ``[piece.nbytes]`` of ``piece`` in the mapping (zero copy)."""
+        return byte_view(self._maps[piece.file], piece.offset, piece.nbytes)
 
     def tensor(self, name: str) -> torch.Tensor:
         """Typed, shaped view of a tensor in the mapping (zero copy, read-only by contract)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from system.config.model import ModelConfig
 from system.config.moe import MoEConfig
-from system.inference.mmap_file import MmapCheckpoint
+from system.inference.mmap_file import WeightFiles
 from system.inference.sections import ModelLayout, align_up
 from system.errors import MoesysError
 
@@ -58,8 +58,9 @@ def format_bytes(n: int) -> str:
     return f"{n} B ({n / 2**20:.2f} MiB)"
 
 
-def check_checkpoint(expected: dict[str, tuple[int, ...]], ckpt: MmapCheckpoint) -> None:
-    """Every expected tensor is in the checkpoint with its shape.
+def check_checkpoint(expected: dict[str, tuple[int, ...]], ckpt: WeightFiles) -> None:
+    """Every expected tensor is in the checkpoint with its shape (ours: for a Hugging Face folder, the
+    shape after the mapping of :mod:`system.hf.weights`).
 
     Raises:
         PlanError: naming the first missing tensor, or a tensor whose shape differs (both shapes
@@ -68,7 +69,7 @@ def check_checkpoint(expected: dict[str, tuple[int, ...]], ckpt: MmapCheckpoint)
     for name, shape in expected.items():
         if name not in ckpt:
             raise PlanError(f"tensor {name!r} (shape {list(shape)}) is missing from the checkpoint {ckpt.path}")
-        info = ckpt.info(name)
+        info = ckpt.source(name)
         if info.shape != tuple(shape):
             n_exp = info.dtype.itemsize
             for s in shape:
