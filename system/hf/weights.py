@@ -270,7 +270,7 @@ class HFCheckpoint:
         rows = dst.shape[0] if dst.dim() else 1
         if dst.dim() and (start < 0 or start + rows > src.shape[0] or tuple(dst.shape[1:]) != src.shape[1:]):
             raise ValueError(f"rows [{start}, {start + rows}) of {name} {list(src.shape)} do not fit {list(dst.shape)}")
-        if len(src.pieces) > 1:  # one piece per expert, stored transposed
+        if len(src.pieces) > 1 or src.transposed:  # one piece per expert
             scratch = torch.empty(src.piece_shape, dtype=src.dtype)
             for r in range(rows):
                 self._pread(src.pieces[start + r], 0, scratch)

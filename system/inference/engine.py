@@ -479,8 +479,11 @@ def generate(checkpoint_dir: str | Path, prompts: list[Prompt], max_new_tokens: 
                        expert_cache=expert_cache) as engine:
         sampler = Sampler(SamplingConfig(sampling, top_p, temperature, seed),
                           vocab_limit=tok.vocab_size if tok is not None else None, device=engine.device)
-        out, stats = engine.generate_ids(ids, max_new_tokens, sampler, batch_size=batch,
-                                         eos_id=tok.eos_ids if stop_at_eos and tok is not None else None)
+        eos = None
+        if stop_at_eos:  # the tokenizer's EOS ids, else (an HF folder without tokenizer.json) its config's
+            eos = tok.eos_ids if tok is not None else (engine.hf_config.eos_token_ids or None) \
+                if engine.hf_config is not None else None
+        out, stats = engine.generate_ids(ids, max_new_tokens, sampler, batch_size=batch, eos_id=eos)
         extra = {"measured_bandwidth": engine.measured_bandwidth}
         if engine.expert_cache is not None:
             extra.update(expert_hits=engine.expert_cache.hits, expert_misses=engine.expert_cache.misses)

@@ -70,8 +70,8 @@ class Source:
         dtype: stored dtype.
         shape: our (logical) shape.
         pieces: contiguous byte ranges in order. For expert tensors one per expert (``len == E``), else one.
-        transposed: each piece holds the transpose of its slice (the last two axes swapped):
-            ``stored_shape`` is then the slice shape with its last two axes swapped.
+        transposed: each piece holds the transpose of one expert's slice (the last two axes swapped);
+            a transposed source always has one piece per expert (also when ``E = 1``).
     """
 
     name: str
@@ -88,7 +88,7 @@ class Source:
     @property
     def piece_shape(self) -> tuple[int, ...]:
         """Shape of one piece's bytes as stored (``[f, d]`` for an HF expert ``gate_proj``)."""
-        inner = self.shape[1:] if len(self.pieces) > 1 else self.shape
+        inner = self.shape[1:] if len(self.pieces) > 1 or self.transposed else self.shape
         return inner[:-2] + (inner[-1], inner[-2]) if self.transposed else inner
 
     @property

@@ -50,11 +50,18 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _cuda_grouped_mm_aligned(*mats: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` on CUDA accepts ``mats`` as given: row-major, 16-byte aligned data
-    pointers and strides (e.g. a bf16 SwiGLU hidden size or FME rank not a multiple of 8 fails)."""
+    """Whether ``torch._grouped_mm`` on CUDA accepts ``mats`` as given: each matrix row-major or
+    column-major (a unit stride in one of the last two axes: Hugging Face experts are served as the
+    transposed view of their stored ``[f, d]`` bytes, as TorchTitan passes ``w.transpose(-2, -1)``),
+    a 16-byte aligned data pointer and every other stride a multiple of 16 bytes (e.g. a bf16 SwiGLU
+    hidden size or FME rank not a multiple of 8 fails)."""
     for m in mats:
         size = m.element_size()
-        if m.stride(-1) != 1 or m.data_ptr() % 16 or any(s * size % 16 for s in m.stride()[:-1]):
+        strides = list(m.stride())
+        unit = -1 if strides[-1] == 1 else -2 if m.dim() >= 2 and strides[-2] == 1 else None
+        if unit is None or m.data_ptr() % 16:
+            return False
+        if any(s * size % 16 for i, s in enumerate(strides) if i != m.dim() + unit):
             return False
     return True
 
