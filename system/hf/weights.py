@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ from system.inference.mmap_file import (  # Piece, Source: defined beside our ow
 )
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that read and transpose experts in :meth:`HFCheckpoint.read_into` (each holds one expert)."""
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
 
@@ -259,8 +262,10 @@ class HFCheckpoint:
         """Fill ``dst`` with rows ``[start, start + dst.shape[0])`` (axis 0) of our tensor ``name``.
 
         Reads only those rows' bytes (for experts: those experts' pieces). ``dst`` may have any
-        float dtype (converted on copy) and be non-contiguous; peak extra memory is one expert (or
-        ``dst``'s size when its dtype or layout differs from the stored one).
+        float dtype (converted on copy), be non-contiguous or on a GPU; peak extra host memory is
+        :data:`READ_THREADS` experts (or ``dst``'s size when its dtype or layout differs from the stored
+        one). Experts are read and transposed by :data:`READ_THREADS` threads (``preadv`` and the copy
+        release the GIL); on a GPU the transpose runs there.
 
         Raises:
             KeyError: ``name`` is not one of our tensors here.
@@ -271,10 +276,7 @@ class HFCheckpoint:
         if dst.dim() and (start < 0 or start + rows > src.shape[0] or tuple(dst.shape[1:]) != src.shape[1:]):
             raise ValueError(f"rows [{start}, {start + rows}) of {name} {list(src.shape)} do not fit {list(dst.shape)}")
         if len(src.pieces) > 1 or src.transposed:  # one piece per expert
-            scratch = torch.empty(src.piece_shape, dtype=src.dtype)
-            for r in range(rows):
-                self._pread(src.pieces[start + r], 0, scratch)
-                dst[r].copy_(scratch.transpose(-1, -2) if src.transposed else scratch)
+            self._read_experts(src, dst, start, rows)
             return
         piece = src.pieces[0]
         row_bytes = piece.nbytes // src.shape[0] if src.shape else piece.nbytes
@@ -283,6 +285,24 @@ class HFCheckpoint:
         self._pread(piece, start * row_bytes, target)
         if not direct:
             dst.copy_(target)
+
+    def _read_experts(self, src: Source, dst: torch.Tensor, start: int, rows: int) -> None:
+        """Rows ``[start, start + rows)`` of a per-expert source into ``dst``, over :data:`READ_THREADS` threads."""
+        workers = max(1, min(READ_THREADS, rows))
+
+        def run(first: int) -> None:
+            scratch = torch.empty(src.piece_shape, dtype=src.dtype)
+            for r in range(first, rows, workers):
+                self._pread(src.pieces[start + r], 0, scratch)
+                piece = scratch if dst.device.type == "cpu" else scratch.to(dst.device)
+                dst[r].copy_(piece.transpose(-1, -2) if src.transposed else piece)
+
+        if workers == 1:
+            run(0)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="hf-read") as pool:
+            for future in [pool.submit(run, i) for i in range(workers)]:
+                future.result()
 
     def read(self, name: str) -> torch.Tensor:
         """Our tensor ``name`` whole, in our layout and its stored dtype (a new CPU tensor)."""
