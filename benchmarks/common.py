@@ -2,7 +2,7 @@
 
 Everything here is plain measurement plumbing, with no knowledge of any particular benchmark:
 
-- statistics over timing samples (:func:`median`, :func:`summarize`);
+- statistics over timing samples (:func:`median`, :func:`summarize`, :func:`paired_ratio_summary`);
 - a wall-clock timer that synchronises an accelerator first (:class:`Stopwatch`);
 - process memory on Linux: current and peak resident set size, with a resettable peak
   (:func:`reset_peak_rss`, :func:`peak_rss_bytes`, :func:`current_rss_bytes`);
@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import platform
+import random
 import resource
 import socket
 import statistics
@@ -73,6 +74,36 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def paired_ratio_summary(num: Sequence[float], den: Sequence[float], *, confidence: float = 0.95,
+                         resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Median of the paired ratios ``num[i] / den[i]`` with a percentile-bootstrap interval.
+
+    The pairs are resampled with replacement ``resamples`` times; the interval is the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the resampled medians. With few
+    pairs the interval can only take values among the ratios themselves (3 pairs: about their min and
+    max), so read it as a spread, not a precise interval.
+
+    Returns:
+        ``{"ratios": [...], "median": m, "ci_low": lo, "ci_high": hi, "confidence": c, "n": n}``
+        (``nan`` entries when there are no valid pairs; pairs with a zero or missing denominator are skipped).
+
+    Raises:
+        ValueError: ``num`` and ``den`` differ in length.
+    """
+    if len(num) != len(den):
+        raise ValueError(f"paired samples differ in length: {len(num)} vs {len(den)}")
+    ratios = [float(a) / float(b) for a, b in zip(num, den)
+              if a is not None and b is not None and float(b) != 0.0 and not math.isnan(float(a) / float(b))]
+    out: dict[str, Any] = {"ratios": ratios, "median": median(ratios), "ci_low": math.nan, "ci_high": math.nan,
+                           "confidence": confidence, "n": len(ratios)}
+    if ratios:
+        rng = random.Random(seed)
+        boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+        out["ci_low"] = _quantile(boots, (1 - confidence) / 2)
+        out["ci_high"] = _quantile(boots, (1 + confidence) / 2)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
