@@ -51,7 +51,8 @@ def _train_parser(sub) -> None:
                    help="worker-group restarts after a failure (each resumes from the newest checkpoint)")
     p.add_argument("--dry-run", action="store_true",
                    help="run the launch checks, print the mesh, parameter counts and per-rank memory of the model "
-                        "state, then the torchrun command, and exit (a missing checkpoint.initial_load_path only warns)")
+                        "state, then the torchrun command, and exit (a missing checkpoint.initial_load_path only "
+                        "warns)")
     p.add_argument("--debug", action="store_true", help="tracebacks for expected errors too (config, data, checkpoint)")
 
 

@@ -447,3 +447,39 @@ def test_export_folder_gets_the_usual_permissions(tmp_path: Path) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+HF_BAD = [
+    ("sliding", "mixtral", {"sliding_window": 64}, ("sliding_window = 64", "config.json")),
+    ("arch", "qwen3_moe", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+     ("LlamaForCausalLM", "supported: MixtralForCausalLM")),
+    ("shape", "olmoe", {"hidden_size": 48}, ("model.embed_tokens.weight", "[128, 32]", "[128, 48]")),
+    ("quantized", "deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, ("quantization_config (fp8)",)),
+    ("clip", "olmoe", {"clip_qkv": 8.0}, ("clip_qkv = 8.0",)),
+]
+
+
+@pytest.mark.parametrize("case,family,fields,needles", HF_BAD, ids=[c[0] for c in HF_BAD])
+def test_hf_folders_we_cannot_honour(case, family, fields, needles, tmp_path, capsys) -> None:
+    """A Hugging Face folder with an unsupported architecture or field, or a tensor of the wrong shape:
+    one line naming it from generate, and from the train launcher (before any worker starts); nothing written."""
+    import json
+
+    from hf_tiny import save_model
+
+    path = save_model(family, tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+    before = tree_state(tmp_path)
+    code, out, err = run_cli(["generate", "--checkpoint", path, "--prompt-ids", "1,2", "--max-new-tokens", "2"], capsys)
+    assert code != 0 and out == ""
+    assert_one_error(err, *needles)
+    if case != "shape":  # the config alone decides these: the launcher refuses them
+        job = tmp_path / "job.toml"
+        job.write_text('[data]\ntokenizer = "byte"\n')
+        code, out, err = run_cli(["train", "--config", job, "--checkpoint.initial_load_path", path, "--dry-run"], capsys)
+        assert code != 0
+        assert_one_error(err, *needles[:1])
+        job.unlink()
+    assert tree_state(tmp_path) == before

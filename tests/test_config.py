@@ -329,7 +329,7 @@ def test_shipped_configs_exist() -> None:
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_shipped_config_loads(path: Path) -> None:
-    cfg = load_config(path)
+    cfg = load_config(path, initial_load_missing_ok=True)  # the *-ft configs name a model folder absent here
     assert cfg.name == path.stem
     cfg.validate()
     assert config_from_dict(config_to_dict(cfg)) == cfg

@@ -18,6 +18,14 @@ class CheckpointConfig:
         default="",
         metadata={"help": "Resume from 'latest' (under checkpoint.dir; a fresh start if there is none) or a checkpoint path."},
     )
+    initial_load_path: str = field(
+        default="",
+        metadata={"help": "Folder the initial weights come from at step 0: a Hugging Face model folder (config.json "
+                  "with a model_type + safetensors) or a model folder we exported (model.safetensors + our "
+                  "config.json). Its model shape fills the [model]/[moe] keys the config leaves unset; a key set to "
+                  "a different value is an error, except the training-only ones (docs/guides/fine-tuning.md). "
+                  "Ignored when a resume finds a checkpoint: a resume wins. Empty: random initialisation."},
+    )
     async_save: bool = field(default=True, metadata={"help": "Write checkpoints in the background (the step only waits for the host snapshot)."})
     save_final: bool = field(
         default=True, metadata={"help": "At the end: a training checkpoint (when interval > 0) and the exported model."}

@@ -64,8 +64,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"{key}: unsupported field type {typ}")  # pragma: no cover - programming error
 
 
-def apply_dict(cfg: JobConfig, data: dict[str, Any], source: str = "config") -> JobConfig:
+def apply_dict(cfg: JobConfig, data: dict[str, Any], source: str = "config",
+               record: dict[str, str] | None = None) -> JobConfig:
     """Apply a nested ``{section: {key: value}}`` mapping onto ``cfg`` in place and return it.
+
+    Args:
+        record: when given, ``record["section.key"] = source`` for every key applied (``record["name"]``
+            for a top-level key), so a later step knows which keys were set explicitly and where.
 
     Raises:
         ConfigError: for an unknown section or key (naming the allowed ones) or a bad value.
@@ -76,6 +81,8 @@ def apply_dict(cfg: JobConfig, data: dict[str, Any], source: str = "config") -> 
             raise ConfigError(f"{source}: unknown section or key {section!r}; allowed: {', '.join(top)}")
         if not dataclasses.is_dataclass(top[section]):
             setattr(cfg, section, _coerce(section, values, top[section]))
+            if record is not None:
+                record[section] = source
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of keys, got {values!r}")
@@ -87,6 +94,8 @@ def apply_dict(cfg: JobConfig, data: dict[str, Any], source: str = "config") -> 
                     f"{source}: unknown key {section}.{key}; allowed keys of [{section}]: {', '.join(types)}"
                 )
             setattr(sub, key, _coerce(f"{section}.{key}", value, types[key]))
+            if record is not None:
+                record[f"{section}.{key}"] = source
     return cfg
 
 
@@ -119,20 +128,35 @@ class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
     """The config path does not exist or is not a file (a ``ConfigError`` and a ``FileNotFoundError``)."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                initial_load_missing_ok: bool = False) -> JobConfig:
     """Build a validated :class:`JobConfig` from defaults, a TOML file and CLI overrides.
+
+    With ``checkpoint.initial_load_path`` set, the ``[model]``/``[moe]`` keys neither the TOML nor the
+    command line set come from that folder's config (a Hugging Face ``config.json`` or our exported
+    job config), and ``data.tokenizer`` left unset becomes the folder when it holds a ``tokenizer.json``
+    (:func:`system.config.initial_load.merge_initial_load`). The launcher and every worker call this,
+    so all see the same merged config.
 
     Args:
         path: TOML file (sections ``[model]``, ``[moe]``, ...); ``None`` for defaults only.
         overrides: ``--section.key value`` strings, applied last.
+        initial_load_missing_ok: a ``checkpoint.initial_load_path`` that does not exist is skipped (the
+            config's own ``[model]``/``[moe]`` stand) instead of refused: ``moesys train --dry-run`` on a
+            machine without the model folder. Every other problem with the path is still an error.
 
     Raises:
         ConfigFileNotFoundError: ``path`` does not exist or is a directory (a ``ConfigError`` and a
             ``FileNotFoundError``).
         ConfigError: ``path`` is not a readable UTF-8 TOML file (a directory, binary, bad TOML); unknown
-            keys, bad values, or failed validation.
+            keys, bad values, or failed validation; a ``checkpoint.initial_load_path`` that is missing,
+            not a folder, not a model folder or of an unsupported architecture, or a ``[model]``/``[moe]``
+            key set to a value that contradicts it (both values named).
     """
+    from system.config.initial_load import merge_initial_load
+
     cfg = JobConfig()
+    explicit: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -153,9 +177,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
         cfg.name = p.stem
-        apply_dict(cfg, data, source=str(p))
+        apply_dict(cfg, data, source=str(p), record=explicit)
     if overrides:
-        apply_dict(cfg, parse_overrides(overrides), source="command line")
+        apply_dict(cfg, parse_overrides(overrides), source="command line", record=explicit)
+    merge_initial_load(cfg, explicit, missing_ok=initial_load_missing_ok)
     try:
         cfg.validate()
     except ConfigError:

@@ -13,6 +13,10 @@ What is checked (each failure a :class:`~system.errors.MoesysError` naming the k
 - devices: ``parallel.device = cuda`` with CUDA present and at least ``--nproc-per-node`` GPUs;
   ``parallel.backend = nccl`` only with CUDA;
 - data: ``data.path`` exists and is a readable file or folder; ``data.tokenizer`` loads;
+- initial weights: ``checkpoint.initial_load_path`` is a Hugging Face model folder or one of our
+  exported model folders (:func:`check_initial_load`; :func:`~system.config.loader.load_config` has
+  already merged its shape; ``--dry-run`` tolerates a missing folder with a warning, the real run
+  refuses it);
 - resume: ``checkpoint.resume`` names a committed checkpoint (or ``latest``), saved from the same
   model (:func:`check_resume_model`); not combined with ``checkpoint.overwrite``;
 - run folder: not held by another live job (:mod:`system.train.run_folder`), writable, and without an
@@ -126,6 +130,40 @@ def check_data(cfg: JobConfig):
         raise DataError(f"data.tokenizer {cfg.data.tokenizer!r}: {e}") from None
 
 
+def missing_initial_load(cfg: JobConfig) -> str | None:
+    """The one line for a ``checkpoint.initial_load_path`` that does not exist here, else None."""
+    path = cfg.checkpoint.initial_load_path
+    if not path or Path(path).expanduser().exists():
+        return None
+    return (f"checkpoint.initial_load_path {path} does not exist: the model shape is the config's own "
+            f"[model]/[moe] (the real run refuses a missing folder)")
+
+
+def check_initial_load(cfg: JobConfig, *, missing_ok: bool = False) -> str | None:
+    """``checkpoint.initial_load_path`` (when set) is a model folder we can start from.
+
+    Args:
+        missing_ok: a folder that does not exist is returned as a warning line instead (``--dry-run``).
+
+    Returns:
+        The warning line for a missing folder under ``missing_ok``, else None.
+
+    Raises:
+        ConfigError: the folder is missing (without ``missing_ok``), not a folder, neither a Hugging Face
+            model folder nor one of our exported model folders, or of an unsupported architecture
+            (:func:`~system.config.initial_load.read_initial_model`).
+    """
+    from system.config.initial_load import read_initial_model
+
+    if not cfg.checkpoint.initial_load_path:
+        return None
+    missing = missing_initial_load(cfg)
+    if missing is not None and missing_ok:
+        return missing
+    read_initial_model(cfg.checkpoint.initial_load_path)  # raises for a missing or unusable folder
+    return None
+
+
 def check_resume_model(cfg: JobConfig, path: str) -> None:
     """The checkpoint at ``path`` (committed) was saved from the model ``cfg`` describes.
 
@@ -232,7 +270,8 @@ def check_run_folder(cfg: JobConfig, run_dir: str, *, job_id: str | None, restar
 
 
 def preflight(cfg: JobConfig, run_dir: str, *, world_sizes: Sequence[int] | None = None, how: str = "",
-              nproc_per_node: int | None = None, job_id: str | None = None, continue_run: bool = False) -> None:
+              nproc_per_node: int | None = None, job_id: str | None = None, continue_run: bool = False,
+              initial_load_missing_ok: bool = False):
     """Every check of the module docstring that applies, in that order; the first failure raises.
 
     Args:
@@ -243,6 +282,11 @@ def preflight(cfg: JobConfig, run_dir: str, *, world_sizes: Sequence[int] | None
         nproc_per_node: ranks on this node (devices are checked only when given).
         job_id: this job's id for the lock check (None: any live holder is an obstacle).
         continue_run: runs continue by name (``moesys launch``): an earlier run is not an obstacle.
+        initial_load_missing_ok: a ``checkpoint.initial_load_path`` that does not exist is not an error
+            (``--dry-run``; the caller warns, :func:`missing_initial_load`).
+
+    Returns:
+        The job's tokenizer (``data.tokenizer``, loaded by :func:`check_data`).
 
     Raises:
         MoesysError: a :class:`ConfigError`, :class:`DataError`, :class:`CheckpointError` or
@@ -255,11 +299,13 @@ def preflight(cfg: JobConfig, run_dir: str, *, world_sizes: Sequence[int] | None
     if nproc_per_node is not None:
         check_devices(cfg, nproc_per_node)
     tokenizer = check_data(cfg)
+    check_initial_load(cfg, missing_ok=initial_load_missing_ok)
     check_run_folder(cfg, run_dir, job_id=job_id, continue_run=continue_run)
     path = resolve_resume(cfg, checkpoint_root(cfg, run_dir))
     if path is not None:
         resolved = _with_vocab(cfg, tokenizer.vocab_size, resolve_vocab)
         check_resume_model(resolved, path)
+    return tokenizer
 
 
 def _with_vocab(cfg: JobConfig, vocab: int, resolve) -> JobConfig:
