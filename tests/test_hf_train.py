@@ -81,3 +81,27 @@ def test_finetune_hf_checkpoint_ep2_and_export(family: str, tmp_path: Path) -> N
             a, b = before.read(name), after.read(name)
             assert not torch.equal(a, b), name
             assert (b - a).norm() < 0.5 * a.norm(), name
+
+
+def test_finetune_from_an_imported_checkpoint(tmp_path: Path) -> None:
+    """``moesys ckpt import-hf`` output is a valid ``checkpoint.initial_load_path``: the model shape from its
+    saved job config, the weights through the resharding reader (saved by one process, loaded at EP=2)."""
+    from system.checkpoint.model_io import load_model
+    from system.hf.config import read_hf_config
+    from system.models.model import MoETransformer
+
+    hf_dir = save_model("mixtral", tmp_path / "hf", vocab_size=320)
+    ckpt = tmp_path / "ckpt"
+    _run("ckpt", "import-hf", str(hf_dir), "--out", str(ckpt))
+    job = tmp_path / "job.toml"
+    job.write_text(JOB.replace("steps = 4", "steps = 1"))
+    run_dir = tmp_path / "run"
+    proc = _run("train", "--config", str(job), "--checkpoint.initial_load_path", str(ckpt), "--training.lr", "1e-9",
+                "--metrics.run_dir", str(run_dir))
+    assert "initial weights:" in proc.stderr + proc.stdout
+    hf = read_hf_config(hf_dir)
+    trained, original = MoETransformer(hf.model, hf.moe), MoETransformer(hf.model, hf.moe)
+    load_model(trained, run_dir / "model")
+    load_model(original, hf_dir)
+    for (name, a), b in zip(original.state_dict().items(), trained.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # one step at lr 1e-9 from the imported weights

@@ -338,8 +338,10 @@ def _global_shape(model: nn.Module, name: str, tensor: torch.Tensor) -> tuple[in
 def load_model(model: nn.Module, path: str | Path) -> int:
     """Load the weights at ``path`` into ``model``, each rank reading only what it holds.
 
-    ``path`` is our model folder (``model.safetensors``, global shapes) or a Hugging Face model folder
-    (read in place, :mod:`system.hf.weights`). Expert weights take rows ``[expert_offset, expert_offset
+    ``path`` is our model folder (``model.safetensors``, global shapes), a Hugging Face model folder
+    (read in place, :mod:`system.hf.weights`) or one of our training checkpoints (a step folder with
+    ``metadata.json``, or a root holding ``latest``; its ``model.*`` tensors only, through the resharding
+    reader, :func:`system.checkpoint.reader.load`). Expert weights take rows ``[expert_offset, expert_offset
     + E_local)`` of the global expert axis; FSSDP owned buffers their owned experts; FSDP2 DTensors
     sharded on dim 0 the rows of their local shard; everything else is copied whole. A rank's peak
     extra memory is one tensor (a Hugging Face expert is read and transposed one at a time).
@@ -356,6 +358,11 @@ def load_model(model: nn.Module, path: str | Path) -> int:
         KeyError: a tensor of the model is absent from the file (named).
         ValueError: a saved shape differs from the model's global shape (tensor and shapes named).
     """
+    if (Path(path) / "metadata.json").is_file() or (Path(path) / "latest").is_file():
+        from system.checkpoint.reader import load
+        from system.checkpoint.train_state import sharded_train_state
+
+        return load(sharded_train_state(model), str(path)).bytes_read
     reader = open_weights(model, path)
     try:
         load_weights(model, reader)

@@ -79,7 +79,8 @@ class InitialModel:
     Attributes:
         folder: the folder.
         config_file: its ``config.json``.
-        kind: ``"hf"`` (a Hugging Face model folder) or ``"export"`` (one we exported).
+        kind: ``"hf"`` (a Hugging Face model folder), ``"export"`` (one we exported) or ``"checkpoint"``
+            (one of our training checkpoints, e.g. written by ``moesys ckpt import-hf``: its model tensors).
         model, moe: its ``[model]`` and ``[moe]`` sections.
         raw: the ``config.json`` object (the Hugging Face one, to name its fields in messages).
     """
@@ -103,8 +104,9 @@ def read_initial_model(path: str | Path) -> InitialModel:
 
     Raises:
         ConfigError: ``path`` does not exist, is not a folder, holds no ``config.json``, or is neither a
-            Hugging Face model folder (``config.json`` with a ``model_type``, safetensors weights) nor one
-            of our exported model folders (``model.safetensors`` + our job ``config.json``); an
+            Hugging Face model folder (``config.json`` with a ``model_type``, safetensors weights), one
+            of our exported model folders (``model.safetensors`` + our job ``config.json``) nor one of our
+            committed training checkpoints (``metadata.json`` with the job config, or a root with ``latest``); an
             unsupported architecture or field, or a bad value in the saved config (each names the path).
     """
     key = "checkpoint.initial_load_path"
@@ -115,12 +117,10 @@ def read_initial_model(path: str | Path) -> InitialModel:
         raise _error(f"{key} {folder} is a file, not a model folder (a Hugging Face model folder or one exported "
                      f"with `moesys ckpt export`)")
     file = folder / CONFIG_FILE
+    if not file.is_file() and ((folder / "metadata.json").is_file() or (folder / "latest").is_file()):
+        return _read_checkpoint(folder)
     if not file.is_file():
-        hint = ""
-        if (folder / "metadata.json").is_file() or (folder / "latest").is_file():
-            hint = (f"; {folder} is a training checkpoint: continue it with checkpoint.resume, or export its model "
-                    f"with `moesys ckpt export {folder} --out DIR` and load DIR")
-        raise _error(f"{key} {folder} is not a model folder: no {CONFIG_FILE}{hint}")
+        raise _error(f"{key} {folder} is not a model folder: no {CONFIG_FILE}")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -144,6 +144,33 @@ def _read_hf(folder: Path, file: Path, raw: dict) -> InitialModel:
         raise _error(f"checkpoint.initial_load_path {folder} holds {CONFIG_FILE} but no safetensors weights "
                      f"(.bin/.pt weights are not read)")
     return InitialModel(folder, file, "hf", hf.model, hf.moe, raw)
+
+
+def _read_checkpoint(folder: Path) -> InitialModel:
+    """One of our training checkpoints (a step folder, or a root with ``latest``; e.g. what ``moesys ckpt
+    import-hf`` wrote): the model of its saved job config; only its ``model.*`` tensors are loaded."""
+    from system.checkpoint.errors import CheckpointError
+    from system.checkpoint.storage import METADATA_FILE, Storage, read_metadata, resolve_checkpoint
+    from system.config.loader import apply_dict
+
+    try:
+        url = resolve_checkpoint(str(folder))
+        extra = read_metadata(Storage(url)).extra
+    except CheckpointError as e:
+        raise _error(f"checkpoint.initial_load_path: {e}") from None
+    saved_cfg = extra.get("config") if isinstance(extra, dict) else None
+    file = Path(url) / METADATA_FILE
+    if not isinstance(saved_cfg, dict) or not isinstance(saved_cfg.get("model"), dict):
+        raise _error(f"checkpoint.initial_load_path: {file} carries no job config (extra.config) to take the model "
+                     f"shape from")
+    saved = JobConfig()
+    apply_dict(saved, {k: saved_cfg[k] for k in ("model", "moe") if k in saved_cfg}, source=str(file))
+    try:
+        saved.model.validate()
+        saved.moe.validate()
+    except ValueError as e:
+        raise _error(f"checkpoint.initial_load_path: {file}: {e}") from None
+    return InitialModel(Path(url), file, "checkpoint", saved.model, saved.moe, saved_cfg)
 
 
 def _read_export(folder: Path, file: Path, raw: dict) -> InitialModel:
