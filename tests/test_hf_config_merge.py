@@ -153,7 +153,7 @@ def _bad_folders(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "missing": (tmp_path / "nope", "does not exist"),
         "file": (file, "is a file, not a model folder"),
         "no config": (empty, "is not a model folder: no config.json"),
-        "training checkpoint": (ckpt, "is a training checkpoint: continue it with checkpoint.resume"),
+        "uncommitted checkpoint": (ckpt, "metadata.json is not a moesys-ckpt metadata file"),
         "neither": (other, "is neither a Hugging Face model folder"),
         "unsupported": (llama, "architecture LlamaForCausalLM (model_type 'llama') is not supported"),
     }

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,6 +80,17 @@ def import_dcp(dcp_dir: str | os.PathLike, out_path: str | os.PathLike, *, extra
                   storage_options=storage_options, no_dist=True)
     if not out.is_local:  # no rename on object stores: the writer un-commits, then rewrites in place
         return save(state, out_path, overwrite=overwrite, **kwargs)
+    return build_local_checkpoint(out, replace, lambda tmp: save(state, tmp, **kwargs))
+
+
+def build_local_checkpoint(out: Storage, replace: bool, write: Callable[[Path], object]) -> str:
+    """Write a checkpoint into a hidden sibling of the local ``out`` with ``write(tmp)``, then rename it into
+    place (``replace``: swap it with the committed checkpoint there); on any failure only the sibling is
+    removed. Returns ``out.url``.
+
+    Raises:
+        CheckpointError: the folder cannot be created or written (the OS error and the folder named).
+    """
     path = Path(out.root)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +98,7 @@ def import_dcp(dcp_dir: str | os.PathLike, out_path: str | os.PathLike, *, extra
     except OSError as e:
         raise CheckpointError(f"cannot create the checkpoint folder {path}: {e}") from None
     try:
-        save(state, tmp, **kwargs)
+        write(tmp)
         apply_umask(tmp)
         if replace:
             swap_in_dir(tmp, path)

@@ -13,21 +13,18 @@ asynchronous writer produces (one data file, ``metadata.json`` written last), bu
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import torch
 
-from system.checkpoint.dcp_import import _check_out
+from system.checkpoint.dcp_import import _check_out, build_local_checkpoint
 from system.checkpoint.errors import CheckpointError
 from system.checkpoint.metadata import (
     ALIGN, DEFAULT_CRC_CHUNK_BYTES, METADATA_FILE, CheckpointMetadata, SavedBox, TensorMeta, dtype_name,
 )
 from system.checkpoint.planner import SavePlan, TensorDecl, build_save_plan
-from system.checkpoint.storage import Storage, apply_umask, swap_in_dir
+from system.checkpoint.storage import Storage
 from system.checkpoint.writer import _crcs
 
 Produce = Callable[[str], torch.Tensor]
@@ -80,25 +77,7 @@ def save_streaming(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], pro
             out.remove(METADATA_FILE)
         _write(out, plan, meta, produce)
         return out.url
-    path = Path(out.root)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    except OSError as e:
-        raise CheckpointError(f"cannot create the checkpoint folder {path}: {e}") from None
-    try:
-        _write(Storage(tmp), plan, meta, produce)
-        apply_umask(tmp)
-        if replace:
-            swap_in_dir(tmp, path)
-        else:
-            os.rename(tmp, path)  # onto nothing or an empty folder; never clobbers a folder with files
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write the checkpoint {path}: {e}") from e
-        raise
-    return out.url
+    return build_local_checkpoint(out, replace, lambda tmp: _write(Storage(tmp), plan, meta, produce))
 
 
 def _write(storage: Storage, plan: SavePlan, meta: CheckpointMetadata, produce: Produce) -> None:

@@ -151,7 +151,6 @@ def _read_checkpoint(folder: Path) -> InitialModel:
     import-hf`` wrote): the model of its saved job config; only its ``model.*`` tensors are loaded."""
     from system.checkpoint.errors import CheckpointError
     from system.checkpoint.storage import METADATA_FILE, Storage, read_metadata, resolve_checkpoint
-    from system.config.loader import apply_dict
 
     try:
         url = resolve_checkpoint(str(folder))
@@ -163,6 +162,19 @@ def _read_checkpoint(folder: Path) -> InitialModel:
     if not isinstance(saved_cfg, dict) or not isinstance(saved_cfg.get("model"), dict):
         raise _error(f"checkpoint.initial_load_path: {file} carries no job config (extra.config) to take the model "
                      f"shape from")
+    return _saved_model(Path(url), file, "checkpoint", saved_cfg)
+
+
+def _read_export(folder: Path, file: Path, raw: dict) -> InitialModel:
+    if not any((folder / name).is_file() for name in EXPORT_WEIGHTS):
+        raise _error(f"checkpoint.initial_load_path {folder} holds our job {CONFIG_FILE} but no {EXPORT_WEIGHTS[0]}")
+    return _saved_model(folder, file, "export", raw)
+
+
+def _saved_model(folder: Path, file: Path, kind: str, saved_cfg: dict) -> InitialModel:
+    """The model of one of our saved job configs (its ``[model]``/``[moe]``, validated)."""
+    from system.config.loader import apply_dict
+
     saved = JobConfig()
     apply_dict(saved, {k: saved_cfg[k] for k in ("model", "moe") if k in saved_cfg}, source=str(file))
     try:
@@ -170,22 +182,7 @@ def _read_checkpoint(folder: Path) -> InitialModel:
         saved.moe.validate()
     except ValueError as e:
         raise _error(f"checkpoint.initial_load_path: {file}: {e}") from None
-    return InitialModel(Path(url), file, "checkpoint", saved.model, saved.moe, saved_cfg)
-
-
-def _read_export(folder: Path, file: Path, raw: dict) -> InitialModel:
-    from system.config.loader import apply_dict
-
-    if not any((folder / name).is_file() for name in EXPORT_WEIGHTS):
-        raise _error(f"checkpoint.initial_load_path {folder} holds our job {CONFIG_FILE} but no {EXPORT_WEIGHTS[0]}")
-    saved = JobConfig()
-    apply_dict(saved, {k: raw[k] for k in ("model", "moe") if k in raw}, source=str(file))
-    try:
-        saved.model.validate()
-        saved.moe.validate()
-    except ValueError as e:
-        raise _error(f"checkpoint.initial_load_path: {file}: {e}") from None
-    return InitialModel(folder, file, "export", saved.model, saved.moe, raw)
+    return InitialModel(folder, file, kind, saved.model, saved.moe, saved_cfg)
 
 
 def merge_initial_load(cfg: JobConfig, explicit: dict[str, str], *, missing_ok: bool = False) -> InitialModel | None:
