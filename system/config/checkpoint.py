@@ -21,8 +21,8 @@ class CheckpointConfig:
     initial_load_path: str = field(
         default="",
         metadata={"help": "Folder the initial weights come from at step 0: a Hugging Face model folder (config.json "
-                  "with a model_type + safetensors) or a model folder we exported (model.safetensors + our "
-                  "config.json). Its model shape fills the [model]/[moe] keys the config leaves unset; a key set to "
+                  "with a model_type + safetensors), a model folder we exported (model.safetensors + our "
+                  "config.json) or one of our training checkpoints (its model tensors, e.g. from ckpt import-hf). Its model shape fills the [model]/[moe] keys the config leaves unset; a key set to "
                   "a different value is an error, except the training-only ones (docs/guides/fine-tuning.md). "
                   "Ignored when a resume finds a checkpoint: a resume wins. Empty: random initialisation."},
     )
