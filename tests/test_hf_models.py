@@ -51,12 +51,13 @@ def test_logits_equal_transformers(family, hf_dirs):
     assert 0.95 * files < nbytes <= files  # every tensor once (the headers are not counted)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
-def test_bf16_and_sharded_checkpoints(family, tmp_path):
-    """bf16 weights and an index with several shards read the same as transformers reads them."""
+@pytest.mark.parametrize("family,dtype", [("mixtral", torch.bfloat16), ("deepseek_v3", torch.bfloat16),
+                                          ("qwen3_moe", torch.float16)])
+def test_half_precision_and_sharded_checkpoints(family, dtype, tmp_path):
+    """bf16 and fp16 weights and an index with several shards read the same as transformers reads them."""
     from system.checkpoint.model_io import load_model
 
-    path = save_model(family, tmp_path / family, dtype=torch.bfloat16, max_shard_size="40KB")
+    path = save_model(family, tmp_path / family, dtype=dtype, max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 2
     model = _our_model(path)
     load_model(model, path)
