@@ -266,6 +266,20 @@ def _token_id(tok, config: dict | None, key: str, file: Path) -> int | None:
     return tid
 
 
+def config_token_ids(folder: Path) -> dict[str, list[int] | None]:
+    """``{"bos_token_id": ids, "eos_token_id": ids}`` of a Hugging Face model folder, each from the first of
+    ``generation_config.json`` and ``config.json`` (top level or ``text_config``) that sets it; ``None``
+    when neither does.
+
+    Raises:
+        DataError: a file is not a JSON object, or holds a malformed token id (the file and key named).
+    """
+    files = [folder / "generation_config.json", folder / "config.json"]
+    configs = [(_read_json_object(f), f) for f in files]
+    return {key: next((ids for c, f in configs if (ids := _config_ids(c, key, f)) is not None), None)
+            for key in ("bos_token_id", "eos_token_id")}
+
+
 def tokenizer_from_folder(path: Union[str, Path]) -> HFTokenizer | None:
     """The tokenizer of a Hugging Face model folder, with its BOS/EOS ids; ``None`` when it has none.
 
@@ -293,16 +307,13 @@ def tokenizer_from_folder(path: Union[str, Path]) -> HFTokenizer | None:
     else:
         raise TokenizerNotFoundError(f"tokenizer path not found: {str(p)!r}")
     tok = HFTokenizer(file)
-    gen_file, cfg_file, tcfg_file = (folder / n for n in ("generation_config.json", "config.json",
-                                                          "tokenizer_config.json"))
-    gen, cfg, tcfg = (_read_json_object(f) for f in (gen_file, cfg_file, tcfg_file))
-    specials = {}
+    tcfg_file = folder / "tokenizer_config.json"
+    tcfg = _read_json_object(tcfg_file)
+    specials = config_token_ids(folder)
     for key in ("bos_token_id", "eos_token_id"):
-        ids = _config_ids(gen, key, gen_file) or _config_ids(cfg, key, cfg_file)
-        if ids is None:
+        if specials[key] is None:
             tid = _token_id(tok._tok, tcfg, key[: -len("_id")], tcfg_file)
-            ids = None if tid is None else [tid]
-        specials[key] = ids
+            specials[key] = None if tid is None else [tid]
     add_bos = (tcfg or {}).get("add_bos_token")
     if not isinstance(add_bos, bool):
         add_bos = None

@@ -47,7 +47,7 @@ class HFModelConfig:
         model: the ``[model]`` section (``vocab_size`` set, ``hf_model_type = family``).
         moe: the ``[moe]`` section.
         raw: the ``config.json`` object as read.
-        bos_token_id, eos_token_ids: special token ids (``config.json``, else ``generation_config.json``).
+        bos_token_id, eos_token_ids: special token ids (``generation_config.json``, else ``config.json``).
     """
 
     family: str
@@ -296,23 +296,18 @@ def _moe_section(f: _Fields, family: str) -> MoEConfig:
 
 
 def _special_ids(folder: Path, raw: dict) -> tuple[int | None, list[int]]:
-    """BOS id and EOS ids: ``generation_config.json`` first (what ``generate`` uses), then ``config.json``."""
-    sources = [raw]
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        try:
-            sources.insert(0, read_json(gen))
-        except HFCheckpointError:
-            pass
-    bos, eos = None, []
-    for src in sources:
-        if bos is None and isinstance(src.get("bos_token_id"), int):
-            bos = src["bos_token_id"]
-        if not eos:
-            value = src.get("eos_token_id")
-            eos = [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)] \
-                if isinstance(value, list) else []
-    return bos, eos
+    """BOS id and EOS ids: ``generation_config.json`` first (what ``generate`` uses), then ``config.json``
+    (:func:`system.data.tokenizer.config_token_ids`); none when a file is malformed (the tokenizer, when
+    there is one, reports it)."""
+    from system.data.tokenizer import config_token_ids
+    from system.errors import DataError
+
+    try:
+        ids = config_token_ids(folder)
+    except DataError:
+        return None, []
+    bos = ids["bos_token_id"]
+    return (bos[0] if bos else None), ids["eos_token_id"] or []
 
 
 def config_sections(hf: HFModelConfig) -> dict[str, dict]:

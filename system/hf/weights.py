@@ -359,8 +359,7 @@ def _is_routed_expert(name: str) -> bool:
 
 
 def _expected_shapes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
-    from system.models.model import MoETransformer
+    """``{name: global shape}`` of every tensor the model ``model_cfg``/``moe_cfg`` holds (built on ``meta``)."""
+    from system.inference.sections import build_skeleton, expected_tensors
 
-    with torch.device("meta"):
-        skeleton = MoETransformer(model_cfg, moe_cfg)
-    return {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
+    return expected_tensors(build_skeleton(model_cfg, moe_cfg))

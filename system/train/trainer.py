@@ -173,7 +173,8 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         with torch.device(self.device):
             self.model = MoETransformer(cfg.model, cfg.moe)
-        self.model.init_weights(seed=tcfg.seed)
+        if not ccfg.initial_load_path:  # else every weight is read below (or from the resumed checkpoint)
+            self.model.init_weights(seed=tcfg.seed)
         self.num_params, self.active_params = self.model.num_params()
         self.fssdp = parallelize_model(self.model, self.mesh, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp)
         self.optimizer = build_optimizer(self.model, tcfg)
