@@ -2,11 +2,15 @@
 
 Everything here is plain measurement plumbing, with no knowledge of any particular benchmark:
 
-- statistics over timing samples (:func:`median`, :func:`summarize`, :func:`paired_ratio_summary`);
+- statistics over timing samples (:func:`median`, :func:`summarize`, :func:`paired_ratio_summary`) and
+  the verdicts of record (:func:`verdict`, :func:`ratio_goal`, :func:`efficiency_goal`);
+- fairness between systems: the order rotated per repeat (:func:`rotated`) and an abort on a numerical
+  disagreement (:func:`check_agreement`, :class:`NumericalDisagreement`);
 - a wall-clock timer that synchronises an accelerator first (:class:`Stopwatch`);
 - process memory on Linux: current and peak resident set size, with a resettable peak
   (:func:`reset_peak_rss`, :func:`peak_rss_bytes`, :func:`current_rss_bytes`);
-- provenance: host description and package versions (:func:`host_info`, :func:`package_versions`);
+- provenance: host description and package versions (:func:`host_info`, :func:`package_versions`), and the
+  stamp every result file carries (:func:`provenance`: commit, command, versions, CRC implementation);
 - writers for the ``benchmarks/results/`` files: JSON and markdown tables (:func:`write_json`,
   :func:`markdown_table`, :func:`write_text`);
 - small launch helpers (:func:`free_port`, :func:`setup_logging`).
@@ -103,6 +107,109 @@ def paired_ratio_summary(num: Sequence[float], den: Sequence[float], *, confiden
         boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
         out["ci_low"] = _quantile(boots, (1 - confidence) / 2)
         out["ci_high"] = _quantile(boots, (1 + confidence) / 2)
+    return out
+
+
+MET = "met"
+NOT_MET = "not met"
+NOT_DISTINGUISHABLE = "not distinguishable"
+MEASUREMENT_ERROR = "measurement error"
+
+
+def verdict(ci_low: float, ci_high: float, goal: float, *, higher_is_better: bool = True) -> str:
+    """The verdict of a goal on a quantity known through a confidence interval ``[ci_low, ci_high]``.
+
+    ``"met"`` only when the whole interval clears ``goal``; ``"not met"`` when the whole interval misses it;
+    ``"not distinguishable"`` when the interval straddles it (or is unknown: ``nan``).
+    """
+    if any(math.isnan(float(v)) for v in (ci_low, ci_high, goal)):
+        return NOT_DISTINGUISHABLE
+    lo, hi = min(ci_low, ci_high), max(ci_low, ci_high)
+    if higher_is_better:
+        return MET if lo >= goal else NOT_MET if hi < goal else NOT_DISTINGUISHABLE
+    return MET if hi <= goal else NOT_MET if lo > goal else NOT_DISTINGUISHABLE
+
+
+def ratio_goal(name: str, num: Sequence[float], den: Sequence[float], goal: float, *, higher_is_better: bool = True,
+               seed: int = 0) -> dict[str, Any]:
+    """A goal on the paired ratio ``num[i] / den[i]`` (e.g. ours/peer tokens/s), judged by :func:`verdict`.
+
+    Returns:
+        The :func:`paired_ratio_summary` fields plus ``name``, ``goal``, ``direction`` (``">="`` or ``"<="``),
+        ``verdict``, and ``note``: for a straddling interval, its width against the distance from the
+        goal (the repeats did not separate the effect from the noise).
+    """
+    r = paired_ratio_summary(num, den, seed=seed)
+    r.update(name=name, goal=goal, direction=">=" if higher_is_better else "<=",
+             verdict=verdict(r["ci_low"], r["ci_high"], goal, higher_is_better=higher_is_better), note="")
+    if r["verdict"] == NOT_DISTINGUISHABLE and r["n"]:
+        r["note"] = (f"95% interval [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (width {r['ci_high'] - r['ci_low']:.3f}) "
+                     f"straddles {goal:g}: too few repeats for this machine's noise to decide")
+    return r
+
+
+def efficiency_goal(name: str, achieved: Sequence[float], bound: Sequence[float], goal: float, *,
+                    tolerance: float = 1.02, seed: int = 0) -> dict[str, Any]:
+    """A goal on an efficiency ``achieved[i] / bound[i]`` (at most 1 by construction), e.g. eta of a ring.
+
+    As :func:`ratio_goal` with ``>= goal``, except that an interval reaching above ``tolerance`` (1.02) is
+    reported as ``"measurement error"``, never as met: the bound was measured too low (or the
+    achieved value too high), so neither number can be trusted.
+    """
+    r = ratio_goal(name, achieved, bound, goal, seed=seed)
+    if r["n"] and r["ci_high"] > tolerance:
+        r["verdict"] = MEASUREMENT_ERROR
+        r["note"] = (f"efficiency interval reaches {r['ci_high']:.3f} > {tolerance}: an efficiency cannot exceed 1, "
+                     "so the bound or the measurement is wrong")
+    return r
+
+
+def rotated(names: Sequence[str], repeat: int) -> list[str]:
+    """``names`` rotated by ``repeat`` places: the order systems run in repeat ``repeat``.
+
+    Every system runs first (and last) equally often over ``len(names)`` repeats, so drift of the machine
+    within a repeat (thermal, page cache, a neighbour's load) is not charged to one system.
+    """
+    k = repeat % max(len(names), 1)
+    return list(names[k:]) + list(names[:k])
+
+
+class NumericalDisagreement(RuntimeError):
+    """Two systems computed different results on the same problem: their timings are not comparable."""
+
+
+def check_agreement(what: str, values: dict[str, Any], *, rtol: float, atol: float = 0.0) -> dict[str, float]:
+    """Abort when the systems' results differ: compare every system's value with the first one's.
+
+    Args:
+        what: what is compared (``"loss at step 1"``, ``"output"``), for the message.
+        values: system name -> a float or tensor (all the same shape).
+        rtol, atol: ``|a - b| <= atol + rtol * |b|`` elementwise.
+
+    Returns:
+        system name -> the maximum absolute difference from the first system (0 for the first).
+
+    Raises:
+        NumericalDisagreement: some system is outside the tolerance (the message names both systems,
+            the worst difference and the tolerance).
+    """
+    import torch
+
+    names = list(values)
+    ref = torch.as_tensor(values[names[0]], dtype=torch.float64)
+    out: dict[str, float] = {names[0]: 0.0}
+    for name in names[1:]:
+        v = torch.as_tensor(values[name], dtype=torch.float64)
+        if v.shape != ref.shape:
+            raise NumericalDisagreement(f"{what}: {name} has shape {tuple(v.shape)}, {names[0]} {tuple(ref.shape)}")
+        diff = (v - ref).abs()
+        out[name] = float(diff.max()) if diff.numel() else 0.0
+        bad = ~(diff <= atol + rtol * ref.abs())
+        if bool(bad.any()):
+            raise NumericalDisagreement(
+                f"{what}: {name} differs from {names[0]} by up to {out[name]:.3g} "
+                f"(tolerance atol {atol:g} + rtol {rtol:g}); the systems do not compute the same thing, "
+                "so their timings are not compared")
     return out
 
 
@@ -210,6 +317,48 @@ def package_versions(names: Iterable[str]) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+PEER_PACKAGES = ("torch", "numpy", "deepspeed", "megatron-core", "accelerate", "transformers", "safetensors",
+                 "isal", "ray", "moe-system")
+
+
+def provenance(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
+    """The stamp of a result file: commit, command, package versions, CRC implementation, host.
+
+    ``dirty`` is true when tracked files differ from the commit (the numbers then belong to no commit).
+    ``command`` is this process's command line as run from the repository root.
+    """
+    from system.checkpoint.checksum import IMPLEMENTATION
+
+    return {
+        "commit": _git("rev-parse", "HEAD") or None,
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv]),
+        "versions": package_versions(list(PEER_PACKAGES) + list(extra_packages)),
+        "crc32_implementation": IMPLEMENTATION,
+        "host": host_info(),
+    }
+
+
+def provenance_markdown(p: dict[str, Any]) -> str:
+    """Markdown lines stating a :func:`provenance` stamp (for the head of a result's ``.md``)."""
+    v = ", ".join(f"{k} {ver}" for k, ver in p["versions"].items() if ver)
+    h = p["host"]
+    return (f"- Commit: `{p['commit']}`" + (" (with uncommitted changes)" if p["dirty"] else "") + "\n"
+            f"- Command: `{p['command']}`\n- Packages: {v}; CRC-32: {p['crc32_implementation']}\n"
+            f"- Host: {h.get('cpu_model')}, {h.get('logical_cpus')} logical CPUs, torch {h.get('torch')}, "
+            f"{h.get('timestamp_utc')}\n")
 
 
 def _cpu_model() -> str:

@@ -14,3 +14,8 @@ class MetricsConfig:
     )
     tensorboard: bool = field(default=True, metadata={"help": "Write TensorBoard events under <run_dir>/tb."})
     progress: bool = field(default=True, metadata={"help": "Rank-0 progress bar."})
+    routing_trace: bool = field(
+        default=False,
+        metadata={"help": "Write <run_dir>/routing_trace.jsonl: per step, each MoE layer's global tokens per "
+                  "expert (the input of benchmarks/expert_parallel_sim.py)."},
+    )

@@ -54,6 +54,48 @@ def _ensure_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def all_reduce_grads(params: list[nn.Parameter], group, scale: float) -> None:
+    """Sum the gradients of ``params`` over ``group`` (``None``: no collective) and multiply by ``scale``, in place.
+
+    Parameters without a gradient get a zero one first (every rank must contribute the same buckets).
+    The gradients travel in one flattened bucket per dtype.
+    """
+    _flat_all_reduce(_ensure_grads(params), group, scale)
+
+
+@torch.no_grad()
+def clip_by_global_norm_(local: list[torch.Tensor], summed: list[tuple[torch.Tensor, int]], group,
+                         max_norm: float) -> torch.Tensor:
+    """Clip gradients to a global L2 norm ``max_norm`` (0: no clipping) and return that norm (fp32, 0-dim).
+
+    Args:
+        local: gradients every rank holds whole and identical (replicated): their squares count once, locally.
+        summed: ``(gradient, copies)`` pairs whose squares, divided by ``copies``, are summed over
+            ``group``: shards (``copies = 1``) and gradients held identically by ``copies`` ranks of the group.
+        group: the process group of the sum (``None``: this rank alone).
+        max_norm: the threshold.
+
+    Squares accumulate in float64; the clip coefficient ``min(1, max_norm / (norm + 1e-6))`` multiplies
+    every gradient of both lists.
+    """
+    device = (local + [g for g, _ in summed])[0].device if (local or summed) else torch.device("cpu")
+    local_sq = torch.zeros((), dtype=torch.float64, device=device)
+    shared_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for g in local:
+        local_sq += _sq_norm(g)
+    for g, w in summed:
+        shared_sq += _sq_norm(g) if w == 1 else _sq_norm(g) / w
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(shared_sq, group=group)
+    total = (local_sq + shared_sq).sqrt().float()
+    grads = list(local) + [g for g, _ in summed]
+    if max_norm > 0 and grads:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return total
+
+
+@torch.no_grad()
 def sync_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
     """Average gradients as data parallelism requires, in place.
 
@@ -88,34 +130,16 @@ def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh, max_norm: float) -> torc
     :func:`sync_gradients`.
     """
     split = split_parameters(model)
-    dense, expert = split.dense, split.ep_experts
     dp = mesh["dp"].size()
-    device = next(model.parameters()).device
-    local_sq = torch.zeros((), dtype=torch.float64, device=device)
-    shared_sq = torch.zeros((), dtype=torch.float64, device=device)
-    grads = []
-    for p in dense:
+    local: list[torch.Tensor] = []
+    summed: list[tuple[torch.Tensor, int]] = []
+    for p in split.dense:
         if p.grad is None:
             continue
-        g = p.grad
-        if isinstance(g, DTensor):
-            shared_sq += _sq_norm(g.to_local())
-            grads.append(g.to_local())
+        if isinstance(p.grad, DTensor):
+            summed.append((p.grad.to_local(), 1))
         else:
-            local_sq += _sq_norm(g)
-            grads.append(g)
-    for p in expert:
-        if p.grad is not None:
-            shared_sq += _sq_norm(p.grad) / dp
-            grads.append(p.grad)
-    for p in split.fssdp_experts:  # one owner per expert row
-        if p.grad is not None:
-            shared_sq += _sq_norm(p.grad)
-            grads.append(p.grad)
-    if mesh.size() > 1:
-        dist.all_reduce(shared_sq)
-    total = (local_sq + shared_sq).sqrt().float()
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-    return total
+            local.append(p.grad)
+    summed += [(p.grad, dp) for p in split.ep_experts if p.grad is not None]
+    summed += [(p.grad, 1) for p in split.fssdp_experts if p.grad is not None]  # one owner per expert row
+    return clip_by_global_norm_(local, summed, dist.group.WORLD if mesh.size() > 1 else None, max_norm)

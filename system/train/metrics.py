@@ -7,8 +7,7 @@ logged before it for steps above ``S`` belong to work that was lost and recomput
 validation record of one step are two rows); read the file through it. TensorBoard hides the lost
 steps itself (``purge_step``).
 
-Also the FLOP accounting behind MFU (model FLOPs utilisation, PaLM appendix B): 6 FLOPs per active
-parameter per token for forward+backward, plus attention's ``12 * L * d * S`` per token.
+The FLOP accounting behind MFU lives in :mod:`system.train.flops`.
 """
 
 from __future__ import annotations
@@ -23,26 +22,6 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
-
-# Dense bf16 tensor-core peaks (FLOP/s), by device-name substring.
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "B200": 2250e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of ``device``, or ``None`` when unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in _PEAK_BF16.items():
-        if key in name:
-            return value
-    return None
-
-
-def flops_per_token(active_params: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 * N_active + 12 * L * d * S`` (PaLM, Chowdhery et al. 2022, app. B)."""
-    return 6.0 * active_params + 12.0 * n_layers * dim * seq_len
-
 
 class MetricsLogger:
     """Writes scalars and histograms of a run; a no-op on ranks other than 0.
@@ -127,6 +106,53 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class RoutingTrace:
+    """Per-step expert loads of every MoE layer, appended to ``<run_dir>/routing_trace.jsonl`` (rank 0).
+
+    One JSON line per optimizer step: ``{"step": S, "tokens": T, "tokens_per_expert": [[n_0, ..., n_{E-1}], ...]}``
+    with ``T`` the global tokens of the step and one ``[E]`` list of global assignments per MoE layer
+    (summed over ranks and micro-batches; ``sum = T * top_k`` when nothing is dropped). A resumed run
+    appends; :func:`read_routing_trace` keeps the last row of each step. It is the routing input of
+    ``benchmarks/expert_parallel_sim.py``.
+
+    Args:
+        run_dir: the run directory.
+        rank: this process's rank (only rank 0 writes).
+    """
+
+    FILE = "routing_trace.jsonl"
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        self._f = None
+        if rank == 0:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._f = open(Path(run_dir) / self.FILE, "a", buffering=1)
+
+    def record(self, step: int, tokens: int, loads: list[torch.Tensor]) -> None:
+        """Append step ``step``'s loads (``loads[i]`` ``[E]`` for MoE layer ``i``)."""
+        if self._f is None:
+            return
+        rows = [[int(round(float(x))) for x in load.tolist()] for load in loads]
+        self._f.write(json.dumps({"step": step, "tokens": int(tokens), "tokens_per_expert": rows}) + "\n")
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_routing_trace(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``routing_trace.jsonl`` by step, the last row of each step winning (see :class:`RoutingTrace`)."""
+    rows: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+    return [rows[k] for k in sorted(rows)]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -5,6 +5,8 @@ One :class:`Trainer` per rank, launched by torchrun (``python -m system.train.ma
 reduction (dense: averaged over all ranks, or FSDP2 reduce-scatter; experts: over their ``dp``
 replicas), clipping to the global norm, AdamW, LR schedule, and with ``moe.load_balance = "bias"`` the
 routers' selection-bias update from the step's expert loads (:func:`~system.moe.balance.update_expert_bias`).
+With ``metrics.routing_trace`` rank 0 also appends each step's per-layer expert loads to
+``<run_dir>/routing_trace.jsonl`` (:class:`~system.train.metrics.RoutingTrace`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from system.distributed import ParallelDims, init_distributed, pick_device
 from system.inference.generate import greedy_generate
 from system.models.model import MoETransformer
 from system.models.parallelize import parallelize_model
-from system.moe.balance import update_expert_bias
-from system.parallel.grads import clip_grad_norm_, sync_gradients
 from system.errors import DataError, RunFolderError
 from system.train.lifecycle import Preempted, preempt_requested, stop_signal_name
-from system.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from system.train.flops import flops_per_token, peak_flops
+from system.train.metrics import MetricsLogger, RoutingTrace
+from system.train.step import train_step
 from system.train.optim import build_lr_scheduler, build_optimizer
 from system.train.preflight import check_resume_model, checkpoint_root, default_run_dir
 from system.train.run_folder import RunLock, clear_earlier_run, earlier_run, earlier_run_error
@@ -188,7 +190,11 @@ class Trainer:
             extra_fn=lambda: {"config": config_to_dict(self.cfg), "last_loss": _finite_or_none(self.last_loss)},
         )
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers, cfg.model.dim, tcfg.seq_len)
-        self.peak = peak_flops(self.device)
+        # MFU against the peak of the math this run does (bf16 under autocast, else fp32/TF32), None on CPU.
+        peak = peak_flops(self.device, self.amp_dtype)
+        self.peak = peak[0] if peak is not None else None
+        if peak is not None:
+            logger.info("MFU peak: %.0f TFLOP/s per device (%s)", peak[0] / 1e12, peak[1])
         self.step = 0
         self.resumed_from = ""
         if resume_path is not None:
@@ -208,6 +214,7 @@ class Trainer:
         continuing = bool(resume) or restart > 0 or continue_run
         self.metrics = MetricsLogger(self.run_dir, self.rank, tensorboard=cfg.metrics.tensorboard,
                                      resume_step=self.step if continuing else None, resume_from=self.resumed_from)
+        self.routing_trace = RoutingTrace(self.run_dir, self.rank) if cfg.metrics.routing_trace else None
         logger.info(
             "model: %.2fM params (%.2fM active), %d MoE layers x %d experts top-%d; world %d = dp %d x ep %d; "
             "dense %s; device %s; corpus %s (%.1f MB train)",
@@ -280,62 +287,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> StepResult:
-        """One optimizer step over ``grad_accum`` micro-batches; see :class:`StepResult`."""
+        """One optimizer step over ``grad_accum`` micro-batches (:func:`system.train.step.train_step`)."""
         tcfg = self.cfg.training
         t0 = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.fssdp is not None:
-            self.fssdp.begin_step()
-        moe_layers = self.model.moe_layers()
-        ce_sum = 0.0
-        # aux loss, z loss, router std summed on the device (fp64, as Python floats would be): one host
-        # sync per step instead of three per MoE layer and micro-batch.
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        std_count = 0
-        load = [torch.zeros(self.cfg.moe.num_experts, device=self.device) for _ in moe_layers]
-        dropped = made = expert_tokens = 0
-        for _ in range(tcfg.grad_accum):
-            inputs, targets = self._to_device(*self.loader.next_batch())
-            with self._autocast():
-                logits = self.model(inputs)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            aux = self.model.aux_loss()
-            ((ce + aux) / tcfg.grad_accum).backward()
-            ce_sum += ce.item()
-            for i, moe in enumerate(moe_layers):
-                st = moe.last_stats
-                sums[0] += st.aux_loss.detach().double()
-                sums[1] += st.z_loss.detach().double()
-                load[i] += st.tokens_per_expert
-                dropped += st.dropped
-                made += st.assignments
-                expert_tokens += st.expert_tokens
-                if st.router_std is not None:
-                    sums[2] += st.router_std.double()
-                    std_count += 1
-        sync_gradients(self.model, self.mesh)
-        norm = clip_grad_norm_(self.model, self.mesh, tcfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.cfg.moe.load_balance == "bias":  # aux-loss-free balancing from the whole step's global loads
-            update_expert_bias(moe_layers, load)
-        if self.fssdp is not None:
-            self.fssdp.end_step(self.optimizer)
+        batches = [tuple(self._to_device(*self.loader.next_batch())) for _ in range(tcfg.grad_accum)]
+        st = train_step(self.model, self.optimizer, self.scheduler, batches, mesh=self.mesh,
+                        max_grad_norm=tcfg.max_grad_norm, autocast_dtype=self.amp_dtype, fssdp=self.fssdp,
+                        load_balance=self.cfg.moe.load_balance)
         self.step += 1
-        n_moe = max(len(moe_layers), 1)
-        aux_sum, z_sum, std_sum = sums.tolist()
         # The step's one all-reduce also carries this rank's SIGTERM flag, so all ranks stop after the same step.
         loss, aux_mean, z_mean, dropped, made, router_std, preempt = self._mean_over_ranks(
-            [ce_sum / tcfg.grad_accum, aux_sum / tcfg.grad_accum / n_moe, z_sum / tcfg.grad_accum / n_moe,
-             float(dropped), float(made), std_sum / max(std_count, 1), float(preempt_requested())]
+            [st.loss, st.aux_loss, st.z_loss, float(st.dropped), float(st.assignments),
+             st.router_std if st.router_std is not None else 0.0, float(preempt_requested())]
         )
         self.preempt = preempt > 0
         self.last_loss = loss
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return StepResult(loss, aux_mean, z_mean, float(norm), load, dropped / max(made, 1.0),
-                          time.perf_counter() - t0, expert_tokens, router_std if std_count else None)
+        return StepResult(loss, aux_mean, z_mean, float(st.grad_norm), st.tokens_per_expert, dropped / max(made, 1.0),
+                          time.perf_counter() - t0, st.expert_tokens, router_std if st.router_std is not None else None)
 
     @torch.no_grad()
     def evaluate(self, progress: str = "") -> float:
@@ -408,6 +378,8 @@ class Trainer:
         interval = self.cfg.checkpoint.interval
         while self.step < tcfg.steps:
             last = self.train_step()
+            if self.routing_trace is not None:
+                self.routing_trace.record(self.step, tokens_per_step, last.tokens_per_expert)
             if self.step == self.start_step + 1:
                 self._set_collective_timeout(self.cfg.comm.train_timeout_seconds)
             steps_window += 1
@@ -471,6 +443,8 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._print_summary(summary)
         self.metrics.close()
+        if self.routing_trace is not None:
+            self.routing_trace.close()
         return summary
 
     def _stop_preempted(self, saved: bool, bar) -> None:
@@ -481,6 +455,8 @@ class Trainer:
             self.ckpt.save(self.step)
         self.ckpt.close()
         self.metrics.close()
+        if self.routing_trace is not None:
+            self.routing_trace.close()
         where = f"{self.ckpt.root.rstrip('/')}/{step_dir_name(self.step)}"
         raise Preempted(f"preempted ({stop_signal_name()}) after step {self.step}: checkpoint {where} committed; "
                         f"continue with --checkpoint.resume latest")
