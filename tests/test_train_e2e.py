@@ -40,7 +40,7 @@ def _train(tmp_path: Path, *extra: str, expect_progress: bool = False) -> tuple[
 
 
 def test_train_default_corpus_ep2(tmp_path: Path) -> None:
-    summary, records = _train(tmp_path, expect_progress=True)
+    summary, records = _train(tmp_path, "--metrics.routing_trace", "true", expect_progress=True)
     assert summary["world_size"] == 2 and summary["ep"] == 2 and summary["steps"] == 12
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [4, 8, 12]
@@ -50,6 +50,20 @@ def test_train_default_corpus_ep2(tmp_path: Path) -> None:
     assert steps[-1]["loss"] < steps[0]["loss"], "loss did not fall"
     assert summary["val_bpb"] < 8.0 and summary["unigram_entropy_bpb"] > 3.0
     assert summary["sample"].startswith("def ")
+    # The routing trace: one row per step, each MoE layer's global loads summing to tokens x top-k, and
+    # the imbalance logged at step 4 recomputed from the trace's row of step 4.
+    from system.train.metrics import read_routing_trace
+
+    trace = read_routing_trace(tmp_path / "run" / "routing_trace.jsonl")
+    assert [row["step"] for row in trace] == list(range(1, 13))
+    tokens = 4 * 64 * 2
+    for row in trace:
+        assert row["tokens"] == tokens and len(row["tokens_per_expert"]) == 2
+        for load in row["tokens_per_expert"]:
+            assert len(load) == 8 and sum(load) == tokens * 2, load
+    loads = trace[3]["tokens_per_expert"]
+    imbalance = sum(max(lo) / (sum(lo) / len(lo)) for lo in loads) / len(loads)
+    assert math.isclose(imbalance, steps[0]["expert_imbalance"], rel_tol=1e-6)
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data/tinyshakespeare.txt is absent (a user's clone has no ../shared)")
