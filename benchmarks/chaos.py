@@ -84,7 +84,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    free_port, host_info, package_versions, setup_logging, write_json, write_text,
+    free_port, provenance, setup_logging, write_json, write_text,
 )
 from benchmarks.chaos_procs import (  # noqa: E402
     TOKEN_ENV, _cmdline, _ppid_and_state, _read, end_processes, processes_with_token, ray_workers, torchrun_workers,
@@ -678,14 +678,6 @@ def run_ray(args: argparse.Namespace, work: Path, kinds: list[str], reference: d
 # checks, results
 
 
-def _git(*argv: str) -> str | None:
-    try:  # read-only: --no-optional-locks keeps ``status`` from touching the index
-        return subprocess.run(["git", "--no-optional-locks", *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -751,10 +743,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "runs": runs,
         "checks": {n: checks(r, args.interval) for n, r in runs.items()},
         "seconds": time.time() - t0,
-        "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join(["python benchmarks/chaos.py", *sys.argv[1:]]),
-        "versions": package_versions(["torch", "ray", "moe-system", "numpy"]),
-        "host": host_info(),
+        "provenance": provenance(),
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, provenance_markdown
 from system.checkpoint.writer import FAULT_WRITE_DELAY_ENV
 
 
@@ -100,11 +100,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "resume marker (written after its checkpoint is loaded); *first step after*: its first logged step. "
         "*Recomputed*: last step the failed attempt logged minus the step the next attempt resumed from. "
         "*Goodput*: steps of the finished run / steps logged by all attempts.", "",
-        f"- Commit: {result['commit']}" + (" (working tree with uncommitted changes)" if result["dirty"] else ""),
-        f"- Command: `{result['command']}`",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        f"- Host: {result['host']['cpu_model']}, {result['host']['logical_cpus']} CPUs (shared)",
-        "",
+        provenance_markdown(result["provenance"]),
     ]
     return "\n".join(lines)
 

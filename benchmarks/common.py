@@ -323,7 +323,7 @@ def _git(*args: str) -> str:
     import subprocess
 
     try:
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                               text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""

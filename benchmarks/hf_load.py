@@ -78,11 +78,11 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.common import (  # noqa: E402
     format_bytes,
     free_port,
-    host_info,
     markdown_table,
     median,
-    package_versions,
     paired_ratio_summary,
+    provenance,
+    provenance_markdown,
     setup_logging,
     summarize,
     write_json,
@@ -429,7 +429,7 @@ def evaluate_goals(summary: dict[str, Any], ckpt: dict[str, Any]) -> list[dict[s
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    cfg, ck, sh, host = result["config"], result["checkpoint"], result["config"]["shape"], result["host"]
+    cfg, ck, sh, host = result["config"], result["checkpoint"], result["config"]["shape"], result["provenance"]["host"]
     peers = result["summary"]["peers"]
     lines = [
         "# Loading a Hugging Face MoE checkpoint under EP = 2: ours vs transformers / accelerate",
@@ -539,8 +539,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"- Load average (1, 5, 15 min) at the end: {', '.join(f'{v:.1f}' for v in result['loadavg_1_5_15_at_end'])} "
         f"on {host['logical_cpus']} CPUs (shared VM: see min/max and every sample in the JSON).",
-        "- Command: `" + result["command"] + "`",
-        "",
+        provenance_markdown(result["provenance"]),
     ]
     return "\n".join(lines)
 
@@ -634,9 +633,7 @@ def build_result(args, shape, ckpt, runs, agreement, warm) -> dict[str, Any]:
                        "load_model vs transformers (full load + slice, and its own EP) and accelerate",
         "config": config,
         "checkpoint": ck,
-        "versions": package_versions(["torch", "transformers", "accelerate", "safetensors", "moe-system"]),
-        "host": host_info(),
-        "command": " ".join(["python benchmarks/hf_load.py", *sys.argv[1:]]),
+        "provenance": provenance(),
         "method": {
             "runs": "every (repeat, peer) is a fresh 2-process Gloo group; peer order rotated every repeat",
             "page_cache": "warm: every file of the checkpoint read right before each run",
