@@ -494,3 +494,39 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# two-sided goals
+
+
+def band_goal(name: str, num: Sequence[float], den: Sequence[float], tolerance: float, *, seed: int = 0) -> dict[str, Any]:
+    """A two-sided goal: the paired ratio ``num[i] / den[i]`` lies within ``[1 - tolerance, 1 + tolerance]``.
+
+    For quality parity (e.g. validation loss of a variant over the baseline's, paired by seed). ``"met"``
+    only when the whole bootstrap interval of the median ratio lies inside the band; ``"not met"`` when
+    the whole interval lies outside it (on either side); ``"not distinguishable"`` otherwise, and always
+    with fewer than two pairs (one pair has no spread, so its "interval" says nothing).
+
+    Returns:
+        The :func:`paired_ratio_summary` fields plus ``name``, ``goal`` (``[low, high]``), ``direction``
+        (``"within"``), ``verdict`` and ``note``.
+    """
+    r = paired_ratio_summary(num, den, seed=seed)
+    low, high = 1.0 - tolerance, 1.0 + tolerance
+    lo, hi = r["ci_low"], r["ci_high"]
+    if r["n"] < 2 or math.isnan(lo) or math.isnan(hi):
+        v = NOT_DISTINGUISHABLE
+    elif low <= lo and hi <= high:
+        v = MET
+    elif hi < low or lo > high:
+        v = NOT_MET
+    else:
+        v = NOT_DISTINGUISHABLE
+    r.update(name=name, goal=[low, high], direction="within", verdict=v, note="")
+    if v == NOT_DISTINGUISHABLE and r["n"] == 1:
+        r["note"] = "one pair: no interval, no verdict (use several seeds)"
+    elif v == NOT_DISTINGUISHABLE and r["n"]:
+        r["note"] = (f"95% interval [{lo:.3f}, {hi:.3f}] overlaps an edge of [{low:g}, {high:g}]: "
+                     "too few seeds (or too much spread) to decide")
+    return r
