@@ -1,59 +1,59 @@
 """Training-step throughput under routing imbalance: expert parallelism vs FSSDP vs DeepSpeed-MoE.
 
 The same small :class:`~system.models.model.MoETransformer`, the same text, the same initial weights
-and the *same expert assignments* are trained by three systems on the same ranks:
+and the *same expert assignments* are trained by every system on the same ranks. Every step of every
+system is :func:`system.train.step.train_step`, the function the trainer runs (forward, cross-entropy +
+MoE auxiliary losses, backward, gradient synchronisation, global-norm clipping, AdamW, LR schedule, FSSDP's
+``begin_step``/``end_step``). Systems (``--systems``):
 
 - ``ep``: our expert parallelism (``parallel.ep = W``, ``expert_mode = "ep"``): rank j keeps experts
   ``[j*E/W, (j+1)*E/W)``, uneven all-to-all, dropless, no padding.
-- ``fssdp``: our FSSDP (Hecate, arXiv 2502.02581; ``expert_mode = "fssdp"``, ``ep = 1``, ``dp = W``)
-  with the paper defaults of :class:`~system.config.fssdp.FSSDPConfig` (load window w=5, memory
-  budget m=2, overlap budget t estimated at step 2, re-sharding every R=100 steps), driven by
-  ``controller.begin_step()`` / ``controller.end_step(optimizer)`` exactly as the trainer does.
-- ``deepspeed``: the same model with each MoE layer's expert computation replaced by
-  ``deepspeed.moe.layer.MoE`` (``ep_size = W``, ``drop_tokens=False``, ``use_rts=False``, no
-  Gumbel sampling), router and experts copied from ours. Its gate is forced to the workload's
-  assignments (see :class:`ForcedDeepSpeedGate`); everything after the choice of experts is
-  DeepSpeed's own code: its dropless gating sets the capacity C to the largest per-rank expert load
-  over the EP group and pads every expert to C, and its all-to-alls move dense ``[E, C, d]`` buffers.
-  Its load-balancing loss is DeepSpeed's definition, and it has no router z-loss.
+- ``fssdp``: our FSSDP (Hecate, arXiv 2502.02581; ``expert_mode = "fssdp"``, ``ep = 1``, ``dp = W``) with the
+  defaults of :class:`~system.config.fssdp.FSSDPConfig`, except the overlap budget t: one value for the whole
+  run, measured before the workloads (the median of ``--fssdp-calibration-runs`` estimates of
+  :class:`~system.parallel.fssdp.FSSDPController`, each on the real step's shapes) or fixed by
+  ``--fssdp-overlap-budget``.
+- ``deepspeed``: each MoE FFN replaced by ``deepspeed.moe.layer.MoE(ep_size=W, drop_tokens=False,
+  use_rts=False, top2_2nd_expert_sampling=False)``, router and experts copied from ours: the configuration
+  matched to ours (dropless, nothing random). Its dropless gating pads every expert to the largest per-rank
+  expert load over the EP group.
+- ``deepspeed_cf<x>`` (``deepspeed_cf1.0``, ``deepspeed_cf1.25``): DeepSpeed's recommended configuration, the
+  documented defaults of ``deepspeed.moe.layer.MoE`` (``drop_tokens=True``, ``use_rts=True``,
+  ``min_capacity=4``, ``top2_2nd_expert_sampling=True``) with ``capacity_factor`` x (1.0 is the default).
+  Each expert takes at most ``C = max(ceil(x * T * k / E), 4)`` of a rank's assignments; the rest are dropped.
+- ``ep_cf<x>`` (optional): ours with ``moe.capacity_factor = x``, the matched configuration of
+  ``deepspeed_cf<x>``: the same capacity and the same priority (all first choices before second choices,
+  then token order), so the same assignments are dropped (checked); but DeepSpeed re-normalises a token's
+  surviving gate weights to sum to 1 and ours keeps them as they were, so their losses differ.
 
-A step is the real training step of :meth:`system.train.trainer.Trainer.train_step` (one micro-batch):
-forward, cross-entropy + MoE auxiliary losses, backward, gradient synchronisation (dense gradients
-averaged over all ranks; expert gradients divided by W), global-norm clipping, AdamW, LR schedule,
-and for FSSDP the controller calls around it.
+DeepSpeed's gate is forced to the workload's assignments by answering the ``torch.argmax`` calls of its gating
+function (:class:`ForcedDeepSpeedGate`); everything after the choice of experts (capacity, drops, dispatch,
+padding, its load-balancing loss) is DeepSpeed's code. Its gradients are synchronised and clipped with
+:func:`system.parallel.grads.all_reduce_grads` and :func:`~system.parallel.grads.clip_by_global_norm_`, the
+code ours uses.
 
-Routing workloads. Every MoE router's choice is overridden (``TopKRouter.forced_indices``) by a
-seeded generator that gives, for each (workload, seed, step, layer, rank), ``[T, k]`` expert ids with
-k distinct experts per token and *exact* per-expert counts (largest-remainder rounding of the
-workload's expert shares): ``balanced`` (uniform), ``one_hot`` (one expert per layer takes
-``--one-hot-share`` of the assignments, 50%), ``hot_rank`` (the experts of EP rank 0 take
-``--hot-rank-share``, 80%), ``zipf<s>`` (expert popularity ~ 1/rank^s over a seeded per-layer
-permutation, e.g. ``zipf1.0``, ``zipf1.5``), ``rotating`` (like ``one_hot``, but the hot expert moves
-to the next expert every ``--rotate-every`` steps). No expert can take more than 1/k of the
-assignments (each token picks it at most once); shares above that are capped and the excess spread
-proportionally over the other experts. Data: real text (the default corpus of ``system.data``,
-byte tokenizer, packed windows), identical batches for every system.
+Routing workloads. Every router's choice is overridden by a seeded generator that gives, for each
+(workload, seed, step, layer, rank), ``[T, k]`` expert ids with k distinct experts per token and *exact*
+per-expert counts: ``balanced``, ``one_hot`` (one expert per layer takes ``--one-hot-share``), ``hot_rank``
+(the experts of EP rank 0 take ``--hot-rank-share``), ``zipf<s>`` (popularity ~ 1/rank^s), ``rotating`` (the
+one_hot hotspot moves every ``--rotate-every`` steps). No expert takes more than 1/k of the assignments.
 
-Method: all systems of a workload are built in the same W-process run (one process per CPU core,
-one intra-op thread, Gloo), checked to give the same first-step loss, warmed up (``--warmup`` steps,
-long enough for FSSDP's moving-average load to settle), then timed in interleaved repeats
-(ep, fssdp, deepspeed, ep, ...). A repeat times ``--iters`` steps between two barriers; its time is
-the slowest rank's. Every system sees the same step-indexed sequence of batches and assignments.
-Reported per workload: median tokens/s and slowest-rank step time, ratios, peak RSS per rank,
-expert rows computed per rank, FSSDP placement and traffic, DeepSpeed's capacity and padding.
+Method. Per workload: every system is built from the same weights and runs ``--warmup`` steps; the matched
+systems (``ep``, ``fssdp``, ``deepspeed``) must give the same cross-entropy at the first step and at every
+warm-up step (relative 1e-4 in fp32), else the run aborts (:func:`benchmarks.common.check_agreement`). Then
+``--repeats`` repeats, the order of the systems rotated per repeat; a repeat times ``--iters`` steps between
+barriers, its time is the slowest rank's. Every ratio is the median of the paired per-repeat ratios with a
+95% bootstrap interval (:func:`benchmarks.common.ratio_goal`).
 
 Usage (from the repository root)::
 
-    python benchmarks/expert_parallel.py                       # CPU default: all workloads, 2 processes
-    python benchmarks/expert_parallel.py --workloads one_hot zipf1.5 --repeats 3
-    python benchmarks/expert_parallel.py --smoke               # tiny config, well under a minute
-    python benchmarks/expert_parallel.py --device cuda --nproc 8   # NCCL, bf16 autocast (UNTESTED)
-    torchrun --standalone --nproc-per-node 2 benchmarks/expert_parallel.py
+    python benchmarks/expert_parallel.py                       # CPU default: 6 workloads x 5 systems, 2 processes
+    python benchmarks/expert_parallel.py --workloads balanced one_hot --repeats 20
+    python benchmarks/expert_parallel.py --smoke               # tiny model, end-to-end check
+    python benchmarks/expert_parallel.py --nproc 4 --tag _4proc   # 4 processes (oversubscribed on 2 cores)
+    python benchmarks/expert_parallel.py --device cuda --nproc 8   # NCCL, bf16 autocast (UNTESTED on GPU)
 
 Writes ``<out>/expert_parallel_<device><tag>.json`` and ``.md`` (``--smoke`` adds the tag ``_smoke``).
-
-The CUDA path (NCCL, bf16 autocast, CUDA synchronisation around timing, peak GPU memory) is
-UNTESTED ON GPU: it was written without access to one and may need small fixes on first use.
 """
 
 from __future__ import annotations
@@ -64,16 +64,18 @@ import copy
 import datetime
 import gc
 import hashlib
+import importlib
+import inspect
 import logging
 import math
 import os
 import re
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -84,62 +86,88 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    NumericalDisagreement,
     Stopwatch,
-    current_rss_bytes,
+    check_agreement,
     fill_defaults,
     format_bytes,
     free_port,
-    host_info,
     markdown_table,
-    package_versions,
     peak_rss_bytes,
+    provenance,
+    provenance_markdown,
+    ratio_goal,
     reset_peak_rss,
+    rotated,
     setup_logging,
     summarize,
     write_json,
     write_text,
 )
-from benchmarks.moe_layer import SwiGLU, _importable, _pin_cpu  # noqa: E402
 
 logger = logging.getLogger("benchmarks.expert_parallel")
 
-SYSTEMS = ("ep", "fssdp", "deepspeed")
+MATCHED = ("ep", "fssdp", "deepspeed")
+DEFAULT_SYSTEMS = ("ep", "fssdp", "deepspeed", "deepspeed_cf1.0", "deepspeed_cf1.25")
 ALL_WORKLOADS = ("balanced", "one_hot", "hot_rank", "zipf1.0", "zipf1.5", "rotating")
 _ZIPF = re.compile(r"^zipf(\d+(?:\.\d+)?)$")
+_CAPACITY = re.compile(r"^(ep|deepspeed)_cf(\d+(?:\.\d+)?)$")
+DS_MIN_CAPACITY = 4  # deepspeed.moe.layer.MoE's default min_capacity
 
-# Goals of the issue (printed with met / not met).
-GOAL_SKEW_SPEEDUP = 1.5  # skewed: FSSDP tokens/s >= 1.5x EP
-GOAL_SKEW_FLAT = 1.2  # skewed: FSSDP slowest-rank step time <= 1.2x its balanced step time
-GOAL_BALANCED_TOL = 0.05  # balanced: FSSDP within 5% of EP
-
+# Sized so the default run (6 workloads x 5 systems, 2 processes) takes about 13-15 min on 2 quiet cores:
+# (warmup + repeats * iters) steps per system and workload.
 CPU_DEFAULTS = dict(dim=256, layers=2, heads=4, expert_dim=1024, seq_len=256, batch_size=8,
-                    warmup=8, repeats=5, iters=3)
+                    warmup=6, repeats=12, iters=1, fssdp_calibration_runs=5)
 SMOKE_DEFAULTS = dict(dim=64, layers=2, heads=2, expert_dim=128, seq_len=64, batch_size=2,
-                      warmup=6, repeats=2, iters=2)
+                      warmup=6, repeats=3, iters=1, fssdp_calibration_runs=1)
 CUDA_DEFAULTS = dict(dim=1024, layers=8, heads=16, expert_dim=2816, seq_len=1024, batch_size=8,
-                     warmup=10, repeats=7, iters=10)
+                     warmup=10, repeats=15, iters=5, fssdp_calibration_runs=5)
+SMOKE_WORKLOADS = ("balanced", "one_hot")
 
 
 # --------------------------------------------------------------------------------------------
 # arguments
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A system name parsed: ``kind`` is ``ep``, ``fssdp`` or ``deepspeed``; ``capacity_factor`` 0 = dropless."""
+
+    name: str
+    kind: str
+    capacity_factor: float = 0.0
+
+    @staticmethod
+    def parse(name: str) -> "Spec":
+        if name in MATCHED:
+            return Spec(name, name)
+        m = _CAPACITY.match(name)
+        if m is None or float(m.group(2)) <= 0:
+            raise ValueError(f"unknown system {name!r}: choose from {', '.join(MATCHED)}, deepspeed_cf<x>, ep_cf<x> (x > 0)")
+        return Spec(name, m.group(1), float(m.group(2)))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; device- and smoke-dependent defaults are filled in afterwards."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--workloads", nargs="+", default=None,
-                   help=f"routing workloads (space or comma separated; default all: {' '.join(ALL_WORKLOADS)}); "
-                   "zipf<s> takes any exponent s")
-    p.add_argument("--systems", default="ep,fssdp,deepspeed", help=f"comma list from {','.join(SYSTEMS)}")
-    p.add_argument("--smoke", action="store_true", help="tiny model and few steps (end-to-end check, < 1 min)")
-    p.add_argument("--repeats", type=int, help="timed repeats per system (interleaved); cpu 5, smoke 2, cuda 7")
-    p.add_argument("--iters", type=int, help="training steps per repeat; cpu 3, smoke 2, cuda 10")
-    p.add_argument("--warmup", type=int, help="untimed steps per system first (>= fssdp load window + 1); cpu 8")
+                   help=f"routing workloads, space or comma separated (default: {' '.join(ALL_WORKLOADS)}; smoke: "
+                   f"{' '.join(SMOKE_WORKLOADS)}); zipf<s> takes any exponent s")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma list from ep, fssdp, deepspeed, deepspeed_cf<x>, ep_cf<x> (default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny model and few steps (end-to-end check)")
+    p.add_argument("--repeats", type=int, help="timed repeats per system, order rotated per repeat (cpu 12, smoke 3, cuda 15)")
+    p.add_argument("--iters", type=int, help="training steps per repeat (cpu 1, smoke 1, cuda 5)")
+    p.add_argument("--warmup", type=int, help="untimed steps per system, the same for all (>= FSSDP load window + 1; cpu 6)")
     p.add_argument("--nproc", type=int, default=None, help="processes = EP degree = FSSDP ranks (cpu 2, cuda: GPUs)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process on CPU")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process on CPU (every system alike)")
+    p.add_argument("--goal-skew-speedup", type=float, default=1.5,
+                   help="skewed workloads: goal FSSDP tokens/s >= this x EP's (default %(default)s)")
+    p.add_argument("--goal-balanced", type=float, default=0.95,
+                   help="balanced workload: goal FSSDP tokens/s >= this x EP's (default %(default)s)")
+    p.add_argument("--goal-skew-step", type=float, default=1.2,
+                   help="skewed workloads: goal FSSDP step time <= this x its balanced step time (default %(default)s)")
     p.add_argument("--dim", type=int, help="model width (cpu 256)")
     p.add_argument("--layers", type=int, help="transformer blocks, all MoE (cpu 2)")
     p.add_argument("--heads", type=int, help="attention heads (cpu 4)")
@@ -149,30 +177,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (cpu 256)")
     p.add_argument("--batch-size", type=int, help="sequences per rank per step (cpu 8: 2048 tokens/rank)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (constant after step 0)")
+    p.add_argument("--aux-loss-coef", type=float, default=0.0,
+                   help="moe.aux_loss_coef (default 0: DeepSpeed's load-balancing loss is another function, so with a "
+                   "non-zero coefficient its warm-up losses drift from ours and only the first step is compared)")
+    p.add_argument("--z-loss-coef", type=float, default=0.0, help="moe.z_loss_coef (default 0: DeepSpeed has no z-loss)")
     p.add_argument("--data", default="", help="corpus path for system.data.load_corpus ('' = embedded default)")
     p.add_argument("--seed", type=int, default=1234, help="model init, data order and workload seed")
     p.add_argument("--one-hot-share", type=float, default=0.5, help="one_hot/rotating: share of the hot expert")
     p.add_argument("--hot-rank-share", type=float, default=0.8, help="hot_rank: share of EP rank 0's experts")
     p.add_argument("--rotate-every", type=int, default=4, help="rotating: steps between hotspot moves")
+    p.add_argument("--fssdp-overlap-budget", type=int,
+                   help="FSSDP's t for every workload (default: measured once before the workloads)")
+    p.add_argument("--fssdp-calibration-runs", type=int,
+                   help="estimates of t whose median is used (each: a fresh FSSDP model, 2 steps; cpu 5, smoke 1)")
     p.add_argument("--fssdp-memory-budget", type=int, help="override FSSDPConfig.memory_budget (m, paper 2)")
-    p.add_argument("--fssdp-overlap-budget", type=int, help="override FSSDPConfig.overlap_budget (t; -1 estimate)")
     p.add_argument("--fssdp-reshard-interval", type=int, help="override FSSDPConfig.reshard_interval (R, paper 100)")
     p.add_argument("--fssdp-rematerialize", action="store_true", help="FSSDPConfig.rematerialize = True")
     p.add_argument("--fssdp-set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any other FSSDPConfig field (repeatable), e.g. --fssdp-set prefetch=false")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="time the systems even when their first-step losses disagree (recorded in the JSON)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
     p.add_argument("--tag", default=None, help="suffix of the result files (default '' or '_smoke')")
-    p.add_argument("--no-pin", action="store_true", help="do not pin CPU ranks to one core each")
+    p.add_argument("--no-pin", action="store_true", help="do not pin CPU ranks to cores")
     p.add_argument("--log-level", default="INFO")
+    # Testing only: scale one system's final norm so that the agreement check must abort the run.
+    p.add_argument("--perturb-system", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     fill_defaults(args, CUDA_DEFAULTS if args.device == "cuda" else (SMOKE_DEFAULTS if args.smoke else CPU_DEFAULTS))
     if args.nproc is None:
         args.nproc = max(torch.cuda.device_count(), 1) if args.device == "cuda" else 2
     if args.tag is None:
         args.tag = "_smoke" if args.smoke else ""
-    names = [w for item in (args.workloads or list(ALL_WORKLOADS)) for w in item.split(",") if w]
+    default_workloads = SMOKE_WORKLOADS if args.smoke else ALL_WORKLOADS
+    names = [w for item in (args.workloads or list(default_workloads)) for w in item.split(",") if w]
     args.workload_list = list(dict.fromkeys(names))
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
     return args
@@ -180,32 +216,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Raise ``SystemExit`` with a clear message for impossible settings or missing peers."""
-    from system.config.fssdp import FSSDPConfig
-
     errors = []
     for w in args.workload_list:
         if w not in ("balanced", "one_hot", "hot_rank", "rotating") and not _ZIPF.match(w):
             errors.append(f"unknown workload {w!r}; choose from {', '.join(ALL_WORKLOADS)} (zipf<s> for any s)")
-    unknown = [s for s in args.system_list if s not in SYSTEMS]
-    if unknown or not args.system_list or len(set(args.system_list)) != len(args.system_list):
-        errors.append(f"--systems {args.systems!r}: a comma list of distinct names from {list(SYSTEMS)}")
+    try:
+        specs = [Spec.parse(n) for n in args.system_list]
+    except ValueError as e:
+        errors.append(str(e))
+        specs = []
+    if not args.system_list or len(set(args.system_list)) != len(args.system_list):
+        errors.append(f"--systems {args.systems!r}: a comma list of distinct names")
     if args.experts % args.nproc:
         errors.append(f"--experts {args.experts} must divide by --nproc {args.nproc} (the EP degree)")
     if not 1 <= args.top_k <= args.experts:
         errors.append(f"--top-k must be in [1, {args.experts}]")
-    if "deepspeed" in args.system_list:
+    if any(x.kind == "deepspeed" for x in specs):
         if args.top_k not in (1, 2):
             errors.append("DeepSpeed-MoE's forced gate supports top-1 and top-2 (--top-k 1|2)")
         if not _importable("deepspeed"):
-            errors.append("system 'deepspeed' needs DeepSpeed: pip install 'moe-system[peers]' (or drop it from --systems)")
+            errors.append("the deepspeed systems need DeepSpeed: pip install 'moe-system[peers]' (or drop them from --systems)")
+    if args.perturb_system is not None and args.perturb_system not in args.system_list:
+        errors.append(f"--perturb-system {args.perturb_system!r} is not among --systems")
     if args.dim % args.heads:
         errors.append(f"--dim {args.dim} must divide by --heads {args.heads}")
     if not 0 < args.one_hot_share <= 1 or not 0 < args.hot_rank_share <= 1:
         errors.append("--one-hot-share and --hot-rank-share must be in (0, 1]")
     if args.rotate_every < 1:
         errors.append("--rotate-every must be >= 1")
-    if args.repeats < 1 or args.iters < 1 or args.warmup < 1:
-        errors.append("--repeats, --iters and --warmup must be >= 1")
+    if args.repeats < 2 or args.iters < 1 or args.warmup < 1 or args.fssdp_calibration_runs < 1:
+        errors.append("--repeats must be >= 2 (paired intervals); --iters, --warmup, --fssdp-calibration-runs >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda but torch.cuda.is_available() is False")
     if args.device == "cuda" and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
@@ -215,24 +255,21 @@ def validate_args(args: argparse.Namespace) -> None:
     if errors:
         raise SystemExit("expert_parallel benchmark: " + "; ".join(errors))
     try:
-        fssdp_config(args)
+        cfg = fssdp_config(args)
     except ValueError as e:
         raise SystemExit(f"expert_parallel benchmark: {e}") from e
-    if "fssdp" in args.system_list and args.warmup < FSSDPConfig().load_window + 1:
-        logging.getLogger(__name__).warning(
-            "--warmup %d is shorter than FSSDP's load window + 1 (%d): its placement has not settled when timing starts",
-            args.warmup, FSSDPConfig().load_window + 1,
-        )
+    if "fssdp" in args.system_list and args.warmup < cfg.load_window + 1:
+        logger.warning("--warmup %d is shorter than FSSDP's load window + 1 (%d): its placement has not settled "
+                       "when timing starts", args.warmup, cfg.load_window + 1)
 
 
-def fssdp_config(args: argparse.Namespace):
-    """Paper defaults of :class:`FSSDPConfig`, with the command line's overrides."""
+def fssdp_config(args: argparse.Namespace, overlap_budget: int | None = None):
+    """Defaults of :class:`FSSDPConfig` with the command line's overrides (and ``overlap_budget`` if given)."""
     from system.config.fssdp import FSSDPConfig
 
     cfg = FSSDPConfig()
-    if args.fssdp_rematerialize:
-        cfg.rematerialize = True
-    for key in ("memory_budget", "overlap_budget", "reshard_interval"):
+    cfg.rematerialize = cfg.rematerialize or args.fssdp_rematerialize
+    for key in ("memory_budget", "reshard_interval", "overlap_budget"):
         value = getattr(args, f"fssdp_{key}")
         if value is not None:
             setattr(cfg, key, value)
@@ -244,13 +281,34 @@ def fssdp_config(args: argparse.Namespace):
         if isinstance(default, bool):
             if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise SystemExit(f"--fssdp-set {item!r}: {key} takes true or false")
-            value = text.lower() in ("1", "true", "yes", "on")
+            setattr(cfg, key, text.lower() in ("1", "true", "yes", "on"))
         else:
-            value = type(default)(text)
-        setattr(cfg, key, value)
+            setattr(cfg, key, type(default)(text))
+    if overlap_budget is not None:
+        cfg.overlap_budget = overlap_budget
     cfg.validate()
     return cfg
 
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _pin_cpu(local_rank: int, threads: int, nproc: int) -> list[int] | None:
+    """Pin this rank to ``threads`` cores of its own when there are ``nproc * threads`` cores; else ``None``."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < nproc * threads:
+        return None
+    mine = cpus[local_rank * threads : (local_rank + 1) * threads]
+    os.sched_setaffinity(0, mine)
+    return mine
 
 # --------------------------------------------------------------------------------------------
 # routing workloads
@@ -394,6 +452,7 @@ def describe_workload(name: str, args: argparse.Namespace) -> str:
     return WORKLOAD_DESCRIPTIONS[name].format(**vars(args))
 
 
+
 # --------------------------------------------------------------------------------------------
 # DeepSpeed-MoE in our model
 
@@ -404,8 +463,7 @@ class _ForcedArgmaxTorch:
     DeepSpeed's gating picks experts with ``torch.argmax`` (top-1: once; top-2: the first choice,
     then the best of the others). This object answers those calls with the forced choices, column
     by column, and forwards every other attribute to ``torch``, so DeepSpeed's own gating code runs
-    unchanged: softmax gates, normalised top-2 weights, locations, the dropless capacity (max expert
-    load over the EP group), its aux loss.
+    unchanged: softmax gates, capacity, drops, locations, normalised top-2 weights, its aux loss.
     """
 
     def __init__(self, forced: torch.Tensor):
@@ -429,7 +487,8 @@ class _ForcedArgmaxTorch:
 class ForcedDeepSpeedGate:
     """Makes a ``TopKGate`` choose the experts in ``forced_indices`` (``[T, k]``), when set.
 
-    Installed as the instance's ``forward``; records the capacity C of each call.
+    Installed as the gate instance's ``forward``. Reads from each call's sparse routes (DeepSpeed's
+    dispatch input) the capacity C and the assignments evicted by it (expert index -1).
     """
 
     def __init__(self, gate: nn.Module):
@@ -440,10 +499,14 @@ class ForcedDeepSpeedGate:
         self.original = type(gate).forward
         self.forced_indices: torch.Tensor | None = None
         self.last_capacity = 0
+        self.last_dropped = 0
         gate.forward = self.forward
 
     def forward(self, input: torch.Tensor, used_token=None, sparse_routes: bool = False, use_tutel: bool = False):  # noqa: A002
         forced = self.forced_indices
+        if not sparse_routes:
+            raise RuntimeError("this DeepSpeed's MOELayer does not ask its gate for sparse routes; the benchmark reads "
+                               "capacity and drops from them (DeepSpeed >= 0.19)")
         if forced is None:
             out = self.original(self.gate, input, used_token, sparse_routes, use_tutel)
         else:
@@ -455,37 +518,102 @@ class ForcedDeepSpeedGate:
                 self.module.torch = saved
             if proxy.calls != forced.shape[1]:
                 raise RuntimeError(f"DeepSpeed gating called torch.argmax {proxy.calls} times, expected {forced.shape[1]}")
-        if sparse_routes:  # (l_aux, capacity, E, indices, locations, gates, exp_counts)
-            self.last_capacity = int(out[1])
+        # out = (l_aux, capacity, E, indices [k, T] (-1: evicted by the capacity), locations, gates, exp_counts)
+        self.last_capacity = int(out[1])
+        self.last_dropped = int((out[3] < 0).sum())  # host sync, like DeepSpeed's own int(capacity)
         return out
 
 
 class DeepSpeedFFN(nn.Module):
-    """A block's FFN as ``deepspeed.moe.layer.MoE``; quacks like :class:`MoELayer` for the model.
+    """A block's FFN as ``deepspeed.moe.layer.MoE``; looks like :class:`~system.moe.layer.MoELayer` to the model.
 
-    ``last_stats`` carries DeepSpeed's ``l_aux`` as ``aux_loss`` (its definition) and a zero z-loss
-    (DeepSpeed has none), so :meth:`MoETransformer.aux_loss` works unchanged.
+    ``router`` is the :class:`ForcedDeepSpeedGate` (its ``forced_indices`` as on our router).
+    ``last_stats`` is a :class:`~system.moe.layer.MoEStats`: ``aux_loss`` DeepSpeed's ``l_aux`` (its
+    definition), ``z_loss`` 0 (it has none), ``tokens_per_expert`` this rank's ``exp_counts`` (DeepSpeed
+    does not sum them over ranks; adding a collective would charge the peer for our bookkeeping),
+    ``dropped`` the assignments its capacity evicted, ``assignments`` ``T * k``, ``expert_tokens`` the rows its
+    experts compute: ``E * C`` (``E / W`` local experts x C slots x W ranks, padding included).
     """
 
-    def __init__(self, moe: nn.Module, gate: ForcedDeepSpeedGate):
+    def __init__(self, moe: nn.Module, gate: ForcedDeepSpeedGate, num_experts: int, top_k: int):
         super().__init__()
         self.moe = moe
-        self._gate = gate
-        self.last_stats: SimpleNamespace | None = None
-
-    @property
-    def forced_indices(self) -> torch.Tensor | None:
-        return self._gate.forced_indices
-
-    @forced_indices.setter
-    def forced_indices(self, value: torch.Tensor | None) -> None:
-        self._gate.forced_indices = value
+        self.router = gate
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.last_stats = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        from system.moe.layer import MoEStats
+
         out, l_aux, exp_counts = self.moe(x)
-        self.last_stats = SimpleNamespace(aux_loss=l_aux, z_loss=l_aux.new_zeros(()), exp_counts=exp_counts,
-                                          capacity=self._gate.last_capacity)
+        self.last_stats = MoEStats(
+            aux_loss=l_aux, z_loss=l_aux.new_zeros(()), tokens_per_expert=exp_counts.detach().float(),
+            dropped=self.router.last_dropped, assignments=x.numel() // x.shape[-1] * self.top_k,
+            expert_tokens=self.num_experts * self.router.last_capacity,
+        )
         return out
+
+
+class SwiGLU(nn.Module):
+    """One dense SwiGLU expert ``w2(silu(w1 x) * w3 x)``, bias-free (the DeepSpeed expert)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def deepspeed_kwargs(spec: Spec, args: argparse.Namespace, world: int) -> dict[str, Any]:
+    """``deepspeed.moe.layer.MoE`` arguments: dropless matched configuration, or its defaults with a capacity factor."""
+    from deepspeed.moe.layer import MoE
+
+    kw: dict[str, Any] = dict(hidden_size=args.dim, num_experts=args.experts, ep_size=world, k=args.top_k)
+    if spec.capacity_factor:  # recommended: DeepSpeed's documented defaults, capacity factor as named
+        kw.update(capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor,
+                  min_capacity=DS_MIN_CAPACITY, drop_tokens=True, use_rts=True)
+        sampling = True
+    else:  # matched to ours: dropless, nothing random (the capacity arguments are unused when dropless)
+        kw.update(capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=DS_MIN_CAPACITY, drop_tokens=False,
+                  use_rts=False)
+        sampling = False
+    if "top2_2nd_expert_sampling" in inspect.signature(MoE.__init__).parameters:
+        kw["top2_2nd_expert_sampling"] = sampling
+    return kw
+
+
+def deepspeed_defaults() -> dict[str, Any]:
+    """The defaults of ``deepspeed.moe.layer.MoE``'s arguments, as installed (recorded with the results)."""
+    from deepspeed.moe.layer import MoE
+
+    return {k: p.default for k, p in inspect.signature(MoE.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))}
+
+
+def deepspeed_sync_and_clip(model: nn.Module, world: int, max_norm: float) -> Callable[[], torch.Tensor]:
+    """Gradient sync and clipping of the DeepSpeed model, with our gradient code (``train_step(sync_and_clip=)``).
+
+    Dense parameters: summed over all ranks, divided by W. Expert parameters (DeepSpeed marks them
+    ``allreduce = False``): each expert lives on one rank (ep_size = W, no expert data parallelism) and its
+    gradient already sums every rank's tokens through the all-to-all backward: divided by W. The global
+    norm counts dense gradients locally and expert gradients summed over ranks, as ours does.
+    """
+    from system.parallel.grads import all_reduce_grads, clip_by_global_norm_
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if getattr(p, "allreduce", True)]
+    experts = [p for p in params if not getattr(p, "allreduce", True)]
+
+    def sync_and_clip() -> torch.Tensor:
+        all_reduce_grads(dense, dist.group.WORLD, 1.0 / world)
+        all_reduce_grads(experts, None, 1.0 / world)
+        return clip_by_global_norm_([p.grad for p in dense], [(p.grad, 1) for p in experts], dist.group.WORLD, max_norm)
+
+    return sync_and_clip
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,27 +630,33 @@ class Setup:
     device: torch.device
     amp_dtype: torch.dtype | None
     max_grad_norm: float = 1.0
+    load_balance: str = "aux"
+    overlap_budget: int | None = None  # FSSDP's t for every workload, once measured
     meshes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class System:
-    """One system under test for one workload: model, optimizer, how to route and to sync."""
+    """One system under test for one workload: model, optimizer, and what :func:`train_step` needs for it."""
 
-    name: str
+    spec: Spec
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    mesh: Any
+    mesh: Any = None
     controller: Any = None  # FSSDPController under FSSDP
-    step: int = 0
-    resharded: int = 0
+    sync_and_clip: Callable[[], torch.Tensor] | None = None  # DeepSpeed: its gradients through our gradient code
     info: dict[str, Any] = field(default_factory=dict)
-    rows: list[list[int]] = field(default_factory=list)  # per timed step: expert rows computed here, per MoE layer
+    step: int = 0
     losses: list[float] = field(default_factory=list)  # local cross-entropy of the warm-up steps
+    warmup_dropped: list[int] = field(default_factory=list)  # local dropped assignments per warm-up step
+    rows: list[list[int]] = field(default_factory=list)  # per timed step and MoE layer: expert rows computed here
+    dropped: list[list[int]] = field(default_factory=list)  # per timed step and MoE layer: assignments dropped here
+    assignments: list[int] = field(default_factory=list)  # per timed step: assignments made here
 
-    def moe_modules(self) -> list[nn.Module]:
-        return self.model.moe_layers()
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def model_configs(args: argparse.Namespace):
@@ -535,7 +669,8 @@ def model_configs(args: argparse.Namespace):
     vocab = -(-ByteTokenizer.vocab_size // 64) * 64  # as resolve_vocab does
     model = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, ffn_dim=args.expert_dim,
                         vocab_size=vocab, max_seq_len=args.seq_len)
-    moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_dim=args.expert_dim, capacity_factor=0.0)
+    moe = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_dim=args.expert_dim, capacity_factor=0.0,
+                    aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef)
     steps = args.warmup + args.repeats * args.iters
     train = TrainingConfig(steps=steps, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
                            lr=args.lr, warmup_steps=0)
@@ -544,7 +679,7 @@ def model_configs(args: argparse.Namespace):
     return model, moe, train
 
 
-def build_base(s: Setup):
+def build_base(s: Setup) -> nn.Module:
     """The initialised model every system starts from (identical on every rank)."""
     from system.models.model import MoETransformer
 
@@ -556,74 +691,50 @@ def build_base(s: Setup):
     return model
 
 
-def _optimizer(model: nn.Module, args: argparse.Namespace):
+def build_system(s: Setup, spec: Spec, base: nn.Module, overlap_budget: int | None = None) -> System:
+    """A copy of ``base`` parallelised as ``spec`` says, with its optimizer and scheduler."""
+    from system.config.parallel import ParallelConfig
+    from system.models.parallelize import parallelize_model
     from system.train.optim import build_lr_scheduler, build_optimizer
 
-    _, _, train_cfg = model_configs(args)
-    opt = build_optimizer(model, train_cfg)
-    return opt, build_lr_scheduler(opt, train_cfg)
-
-
-def build_ep(s: Setup, base: nn.Module) -> System:
-    """Our expert parallelism over all ranks (``parallel.ep = W``)."""
-    from system.config.parallel import ParallelConfig
-    from system.models.parallelize import parallelize_model
-    from system.moe.experts import expert_kernel
-
     model = copy.deepcopy(base)
-    par = ParallelConfig(dp=1, ep=s.world, expert_mode="ep")
-    parallelize_model(model, s.meshes["ep"], par, param_dtype=s.amp_dtype)
-    opt, sched = _optimizer(model, s.args)
-    moe = model.moe_layers()[0]
-    info = {
-        "impl": "system MoETransformer + parallelize_model(parallel.ep=W): uneven all-to-all, dropless, no padding",
-        "parallel": {"dp": 1, "ep": s.world, "expert_mode": "ep"},
-        "expert_kernel": expert_kernel(s.device, s.amp_dtype or torch.float32, moe.experts.grouped_mm),
-        "local_experts": moe.experts.num_local_experts,
-    }
-    return System("ep", model, opt, sched, s.meshes["ep"], info=info)
+    if s.args.perturb_system == spec.name:  # testing the abort: this system computes something else
+        with torch.no_grad():
+            model.norm.weight.mul_(2.0)
+    system = System(spec, model, None, None)  # type: ignore[arg-type]
+    if spec.kind == "deepspeed":
+        _replace_ffns_by_deepspeed(s, spec, system)
+    elif spec.kind == "fssdp":
+        cfg = fssdp_config(s.args, s.overlap_budget if overlap_budget is None else overlap_budget)
+        par = ParallelConfig(dp=s.world, ep=1, expert_mode="fssdp")
+        system.mesh = s.meshes["fssdp"]
+        system.controller = parallelize_model(model, system.mesh, par, param_dtype=s.amp_dtype, fssdp=cfg)
+        system.info = {"impl": "MoETransformer + parallelize_model(expert_mode='fssdp'): Hecate FSSDP (spAG/spRS, sparse "
+                       "materialization, topology-aware dispatch, heterogeneous re-sharding)",
+                       "parallel": asdict(par), "fssdp_config": asdict(cfg)}
+    else:
+        par = ParallelConfig(dp=1, ep=s.world, expert_mode="ep")
+        system.mesh = s.meshes["ep"]
+        parallelize_model(model, system.mesh, par, param_dtype=s.amp_dtype)
+        for moe in model.moe_layers():
+            moe.capacity_factor = spec.capacity_factor  # 0: dropless
+        system.info = {"impl": "MoETransformer + parallelize_model(parallel.ep=W): uneven all-to-all, no padding, "
+                       + (f"capacity factor {spec.capacity_factor} (GShard priority, drops)" if spec.capacity_factor
+                          else "dropless"), "parallel": asdict(par), "moe.capacity_factor": spec.capacity_factor}
+    _, _, train_cfg = model_configs(s.args)
+    system.optimizer = build_optimizer(model, train_cfg)
+    system.scheduler = build_lr_scheduler(system.optimizer, train_cfg)
+    return system
 
 
-def build_fssdp(s: Setup, base: nn.Module) -> System:
-    """Our FSSDP over all ranks (``expert_mode = "fssdp"``, ``ep = 1``, ``dp = W``)."""
-    from dataclasses import asdict
-
-    from system.config.parallel import ParallelConfig
-    from system.models.parallelize import parallelize_model
-
-    model = copy.deepcopy(base)
-    par = ParallelConfig(dp=s.world, ep=1, expert_mode="fssdp")
-    cfg = fssdp_config(s.args)
-    controller = parallelize_model(model, s.meshes["fssdp"], par, param_dtype=s.amp_dtype, fssdp=cfg)
-    opt, sched = _optimizer(model, s.args)
-    info = {
-        "impl": "system MoETransformer + parallelize_model(expert_mode='fssdp'): Hecate FSSDP (spAG/spRS, "
-        "sparse materialization, topology-aware dispatch, heterogeneous re-sharding)",
-        "parallel": {"dp": s.world, "ep": 1, "expert_mode": "fssdp"},
-        "fssdp_config": asdict(cfg),
-    }
-    return System("fssdp", model, opt, sched, s.meshes["fssdp"], controller=controller, info=info)
-
-
-def build_deepspeed(s: Setup, base: nn.Module) -> System:
-    """The same model with every MoE FFN replaced by ``deepspeed.moe.layer.MoE`` (our weights copied)."""
-    import inspect
-
-    import deepspeed
+def _replace_ffns_by_deepspeed(s: Setup, spec: Spec, system: System) -> None:
+    """Replace every MoE FFN of ``system.model`` by ``deepspeed.moe.layer.MoE`` holding our router and experts."""
     from deepspeed.moe.layer import MoE
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     a = s.args
-    model = copy.deepcopy(base)
-    kwargs: dict[str, Any] = dict(
-        hidden_size=a.dim, num_experts=a.experts, ep_size=s.world, k=a.top_k,
-        capacity_factor=1.0, eval_capacity_factor=1.0,  # unused when drop_tokens=False (capacity = max load)
-        min_capacity=0, drop_tokens=False, use_rts=False,
-    )
-    if "top2_2nd_expert_sampling" in inspect.signature(MoE.__init__).parameters:
-        kwargs["top2_2nd_expert_sampling"] = False
-    ep_rank = None
-    for block in model.layers:
+    kwargs = deepspeed_kwargs(spec, a, s.world)
+    for block in system.model.layers:
         ours = block.moe
         if ours is None:
             continue
@@ -637,114 +748,46 @@ def build_deepspeed(s: Setup, base: nn.Module) -> System:
         with torch.no_grad():
             ds.gate.wg.weight.copy_(ours.router.gate.weight)
             for i, expert in enumerate(ds.experts.deepspeed_experts):
-                e = ep_rank * ds.num_local_experts + i  # DeepSpeed's all-to-all sends experts [j*nl, (j+1)*nl) to rank j
+                e = ep_rank * ds.num_local_experts + i  # its all-to-all sends experts [j*nl, (j+1)*nl) to rank j
                 expert.w1.weight.copy_(ours.experts.w1[e].t())
                 expert.w3.weight.copy_(ours.experts.w3[e].t())
                 expert.w2.weight.copy_(ours.experts.w2[e].t())
         moe.to(s.device)
-        block.moe = DeepSpeedFFN(moe, ForcedDeepSpeedGate(ds.gate))
-    opt, sched = _optimizer(model, a)
-    info = {
-        "impl": "MoETransformer with each MoE FFN = deepspeed.moe.layer.MoE (GShard-style dense [E, C, d] "
-        "dispatch, dropless capacity = max expert load over the EP group); gate forced to the workload",
-        "kwargs": {k: v for k, v in kwargs.items()},
-        "ep_rank": ep_rank,
-        "aux_loss": "DeepSpeed top2gating l_aux (its definition; first choices only) x moe.aux_loss_coef; no z-loss",
-        "grad_sync": "dense grads averaged over all ranks; expert grads (param.allreduce=False) divided by W; "
-        "global-norm clipping over both",
+        block.moe = DeepSpeedFFN(moe, ForcedDeepSpeedGate(ds.gate), a.experts, a.top_k)
+    system.sync_and_clip = deepspeed_sync_and_clip(system.model, s.world, s.max_grad_norm)
+    system.info = {
+        "impl": "MoETransformer with each MoE FFN = deepspeed.moe.layer.MoE (GShard-style [E, C, d] dispatch); gate "
+        "forced to the workload; " + (f"capacity factor {spec.capacity_factor}, tokens beyond C dropped" if spec.capacity_factor
+                                      else "dropless: C = the largest per-rank expert load over the EP group"),
+        "configuration": "recommended (DeepSpeed's defaults)" if spec.capacity_factor else "matched to ours (dropless)",
+        "kwargs": kwargs,
+        "deepspeed_moe_defaults": deepspeed_defaults(),
+        "aux_loss": "DeepSpeed's l_aux (its definition) x moe.aux_loss_coef; no z-loss",
+        "grad_sync": "system.parallel.grads.all_reduce_grads (dense over all ranks / W; experts, allreduce=False, / W) "
+        "and clip_by_global_norm_ (dense locally, experts summed over ranks)",
     }
-    return System("deepspeed", model, opt, sched, None, info=info)
-
-
-BUILDERS = {"ep": build_ep, "fssdp": build_fssdp, "deepspeed": build_deepspeed}
-
-
-@torch.no_grad()
-def _deepspeed_sync_and_clip(model: nn.Module, world: int, max_norm: float) -> torch.Tensor:
-    """Gradient sync and clipping for the DeepSpeed model (what :mod:`system.parallel.grads` does for ours).
-
-    Dense parameters: all-reduce, divide by W. Expert parameters (DeepSpeed marks them
-    ``allreduce = False``): each expert lives on one rank (ep_size = W, so no expert data parallelism)
-    and its gradient already sums every rank's tokens through the all-to-all backward: divide by W.
-    The global norm counts dense gradients locally and expert gradients summed over ranks.
-    """
-    from system.parallel.grads import _ensure_grads, _flat_all_reduce
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    dense = [p for p in params if getattr(p, "allreduce", True)]
-    experts = [p for p in params if not getattr(p, "allreduce", True)]
-    _flat_all_reduce(_ensure_grads(dense), dist.group.WORLD, 1.0 / world)
-    _flat_all_reduce(_ensure_grads(experts), None, 1.0 / world)
-    device = params[0].device
-    local_sq = torch.zeros((), dtype=torch.float64, device=device)
-    shared_sq = torch.zeros((), dtype=torch.float64, device=device)
-    for p in dense:
-        local_sq += p.grad.double().square().sum()
-    for p in experts:
-        shared_sq += p.grad.double().square().sum()
-    dist.all_reduce(shared_sq)
-    total = (local_sq + shared_sq).sqrt().float()
-    if max_norm > 0:
-        torch._foreach_mul_([p.grad for p in params], torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return total
-
-
-# --------------------------------------------------------------------------------------------
-# the training step
 
 
 def set_routing(system: System, forced: list[torch.Tensor]) -> None:
     """Force each MoE layer's expert choices (``forced[layer]`` ``[T, k]``)."""
-    for moe, idx in zip(system.moe_modules(), forced):
-        if system.name == "deepspeed":
-            moe.forced_indices = idx
-        else:
-            moe.router.forced_indices = idx
+    for moe, idx in zip(system.model.moe_layers(), forced):
+        moe.router.forced_indices = idx
 
 
-def _autocast(s: Setup):
-    if s.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(s.device.type, dtype=s.amp_dtype)
+def run_step(s: Setup, system: System, batch: tuple[torch.Tensor, torch.Tensor], forced: list[torch.Tensor]):
+    """One training step of ``system``: :func:`system.train.step.train_step` on the forced routing."""
+    from system.train.step import train_step
 
-
-def train_step(s: Setup, system: System, batch: tuple[torch.Tensor, torch.Tensor], forced: list[torch.Tensor],
-               record_rows: bool = False) -> torch.Tensor:
-    """One optimizer step, as :meth:`Trainer.train_step` with ``grad_accum = 1``; returns the local CE (detached)."""
-    from system.parallel.grads import clip_grad_norm_, sync_gradients
-
-    model, opt = system.model, system.optimizer
     set_routing(system, forced)
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    if system.controller is not None:
-        system.controller.begin_step()
-    inputs, targets = batch
-    with _autocast(s):
-        logits = model(inputs)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    aux = model.aux_loss()
-    (ce + aux).backward()
-    if system.name == "deepspeed":
-        _deepspeed_sync_and_clip(model, s.world, s.max_grad_norm)
-    else:
-        sync_gradients(model, system.mesh)
-        clip_grad_norm_(model, system.mesh, s.max_grad_norm)
-    opt.step()
-    system.scheduler.step()
-    if system.controller is not None:
-        system.resharded += int(system.controller.end_step(opt))
+    stats = train_step(system.model, system.optimizer, system.scheduler, [batch], mesh=system.mesh,
+                       max_grad_norm=s.max_grad_norm, autocast_dtype=s.amp_dtype, fssdp=system.controller,
+                       load_balance=s.load_balance, sync_and_clip=system.sync_and_clip)
     system.step += 1
-    if record_rows:
-        if system.name == "deepspeed":  # each rank's experts compute E * C rows (padded)
-            system.rows.append([s.args.experts * m.last_stats.capacity for m in system.moe_modules()])
-        else:
-            system.rows.append([m.last_stats.expert_tokens for m in system.moe_modules()])
-    return ce.detach()
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
-# data
+# data and FSSDP's overlap budget
 
 
 def build_batches(s: Setup, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -753,7 +796,6 @@ def build_batches(s: Setup, steps: int) -> list[tuple[torch.Tensor, torch.Tensor
 
     a = s.args
     corpus = load_corpus(a.data)
-    tokenizer = ByteTokenizer()
     need = 4 * steps * s.world * a.batch_size * a.seq_len + 1  # a few times what is read: varied windows
     docs, total = [], 0
     for doc in corpus.train_docs:
@@ -761,16 +803,51 @@ def build_batches(s: Setup, steps: int) -> list[tuple[torch.Tensor, torch.Tensor
         total += len(doc)
         if total >= need:
             break
-    tokens = tokenize_docs(docs, tokenizer)
-    loader = PackedLoader(tokens, seq_len=a.seq_len, batch_size=a.batch_size, rank=s.rank, world_size=s.world,
-                          seed=a.seed)
+    tokens = tokenize_docs(docs, ByteTokenizer())
+    loader = PackedLoader(tokens, seq_len=a.seq_len, batch_size=a.batch_size, rank=s.rank, world_size=s.world, seed=a.seed)
     batches = [tuple(t.to(s.device) for t in loader.next_batch()) for _ in range(steps)]
-    s.args.corpus_info = {"corpus": corpus.name, "tokens_used": int(len(tokens)), "docs_used": len(docs)}
+    a.corpus_info = {"corpus": corpus.name, "tokens_used": int(len(tokens)), "docs_used": len(docs)}
     return batches
+
+
+def measure_overlap_budget(s: Setup, base: nn.Module, batches: list) -> dict[str, Any]:
+    """FSSDP's overlap budget t for the whole run: fixed by ``--fssdp-overlap-budget``, or measured here once.
+
+    Each calibration run builds a fresh FSSDP model with ``overlap_budget = -1`` and trains it two steps on the
+    balanced routing and the real batches: at step 2 :class:`FSSDPController` times one attention forward of
+    the real micro-batch shape and one SparseAllGather of all experts, and sets
+    t = floor(attention time x gather bandwidth / expert bytes) (the minimum over ranks). The run uses the
+    median of ``--fssdp-calibration-runs`` such estimates, for every workload.
+    """
+    a = s.args
+    fixed = fssdp_config(a).overlap_budget
+    if fixed >= 0:
+        return {"t": fixed, "source": "--fssdp-overlap-budget", "estimates": []}
+    params = _workload_params(s)
+    tokens = a.batch_size * a.seq_len
+    forced = [[forced_indices("balanced", step, layer, s.rank, tokens, params).to(s.device) for layer in range(a.layers)]
+              for step in range(2)]
+    estimates = []
+    for _ in range(a.fssdp_calibration_runs):
+        system = build_system(s, Spec("fssdp", "fssdp"), base, overlap_budget=-1)
+        for step in range(2):
+            run_step(s, system, batches[step], forced[step])
+        estimates.append(int(system.controller.overlap_budget))
+        del system
+        gc.collect()
+    t = int(statistics.median_low(estimates))
+    logger.info("FSSDP overlap budget t=%d for every workload (estimates %s)", t, estimates)
+    return {"t": t, "source": f"median of {len(estimates)} FSSDPController estimates at step 2 (balanced routing, "
+            "real step shapes), measured once before the workloads", "estimates": estimates}
 
 
 # --------------------------------------------------------------------------------------------
 # one workload
+
+
+def _workload_params(s: Setup) -> WorkloadParams:
+    a = s.args
+    return WorkloadParams(a.experts, a.top_k, s.world, a.seed, a.one_hot_share, a.hot_rank_share, a.rotate_every)
 
 
 def _sync(device: torch.device) -> None:
@@ -784,42 +861,40 @@ def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
+def _max_rel(xs: list[float], ref: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(xs, ref))
 
 
 def run_workload(s: Setup, workload: str, base: nn.Module, batches: list) -> dict[str, Any]:
-    """Build the systems, check agreement, warm up, time interleaved repeats; per-rank results."""
+    """Build the systems, warm up, check agreement, time rotated repeats; this rank's results."""
     a = s.args
     tokens = a.batch_size * a.seq_len
     total_steps = a.warmup + a.repeats * a.iters
-    params = WorkloadParams(a.experts, a.top_k, s.world, a.seed, a.one_hot_share, a.hot_rank_share, a.rotate_every)
+    params = _workload_params(s)
     forced = [[forced_indices(workload, step, layer, s.rank, tokens, params).to(s.device) for layer in range(a.layers)]
               for step in range(total_steps)]
-
-    systems: list[System] = []
-    for name in a.system_list:
-        systems.append(BUILDERS[name](s, base))
+    systems = {name: build_system(s, Spec.parse(name), base) for name in a.system_list}
     gc.collect()
 
-    # Warm-up, system by system; the first steps' losses are the agreement check.
-    for system in systems:
+    for system in systems.values():  # the same warm-up steps for every system
         for step in range(a.warmup):
-            ce = train_step(s, system, batches[step], forced[step])
-            system.losses.append(float(ce))
+            st = run_step(s, system, batches[step], forced[step])
+            system.losses.append(st.loss)
+            system.warmup_dropped.append(st.dropped)
         _sync(s.device)
-    check = check_agreement(s, systems, workload, forced[0])
-
-    if "fssdp" in a.system_list:  # reset the per-step averages so they cover the timed steps only
-        next(x for x in systems if x.name == "fssdp").controller.metrics()
+    agreement = check_systems_agree(s, list(systems.values()), workload, forced[a.warmup - 1])
+    fssdp = systems.get("fssdp")
+    if fssdp is not None:  # reset the per-step averages so they cover the timed steps only
+        fssdp.controller.metrics()
 
     sync = (lambda: torch.cuda.synchronize(s.device)) if s.device.type == "cuda" else None
-    samples: dict[str, list[float]] = {x.name: [] for x in systems}
-    rss_peak = {x.name: 0 for x in systems}
-    gpu_peak = {x.name: 0 for x in systems}
+    samples: dict[str, list[float]] = {n: [] for n in systems}
+    rss_peak = {n: 0 for n in systems}
+    gpu_peak = {n: 0 for n in systems}
     rss_reset_ok = True
     for r in range(a.repeats):
-        for system in systems:
+        for name in rotated(a.system_list, r):
+            system = systems[name]
             gc.collect()
             rss_reset_ok &= reset_peak_rss()
             if s.device.type == "cuda":
@@ -829,86 +904,101 @@ def run_workload(s: Setup, workload: str, base: nn.Module, batches: list) -> dic
             with Stopwatch(sync) as watch:
                 for _ in range(a.iters):
                     step = system.step
-                    train_step(s, system, batches[step], forced[step], record_rows=True)
+                    st = run_step(s, system, batches[step], forced[step])
+                    layers = system.model.moe_layers()
+                    system.rows.append([m.last_stats.expert_tokens for m in layers])
+                    system.dropped.append([m.last_stats.dropped for m in layers])
+                    system.assignments.append(st.assignments)
                 _sync(s.device)
                 dist.barrier()
             elapsed = torch.tensor([watch.seconds], dtype=torch.float64, device=s.device)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's time
-            samples[system.name].append(float(elapsed.item()))
-            rss_peak[system.name] = max(rss_peak[system.name], peak_rss_bytes())
+            samples[name].append(float(elapsed.item()))
+            rss_peak[name] = max(rss_peak[name], peak_rss_bytes())
             if s.device.type == "cuda":
-                gpu_peak[system.name] = max(gpu_peak[system.name], torch.cuda.max_memory_allocated(s.device))
-            logger.info("%-9s repeat %d/%d %-9s %8.1f ms/step %9.0f tokens/s", workload, r + 1, a.repeats,
-                        system.name, 1e3 * samples[system.name][-1] / a.iters,
-                        tokens * s.world * a.iters / samples[system.name][-1])
+                gpu_peak[name] = max(gpu_peak[name], torch.cuda.max_memory_allocated(s.device))
+            logger.info("%-9s repeat %2d/%d %-17s %8.1f ms/step", workload, r + 1, a.repeats, name,
+                        1e3 * samples[name][-1] / a.iters)
 
-    per_rank: dict[str, Any] = {"rank": s.rank, "pinned_cpu": getattr(a, "pinned_cpu", None), "rss_peak": rss_peak, "gpu_peak": gpu_peak,
-                                "rss_now": current_rss_bytes(), "rss_reset_ok": rss_reset_ok, "systems": {}}
-    for system in systems:
+    per_rank: dict[str, Any] = {"rss_peak": rss_peak, "gpu_peak": gpu_peak, "rss_reset_ok": rss_reset_ok, "systems": {}}
+    for name, system in systems.items():
         entry: dict[str, Any] = {
             "expert_rows_per_step_per_layer": [sum(col) / len(col) for col in zip(*system.rows)],
-            "steps": system.step,
+            "dropped_per_step": sum(map(sum, system.dropped)) / len(system.dropped),
+            "assignments_per_step": sum(system.assignments) / len(system.assignments),
         }
         if system.controller is not None:
             ctl = system.controller
-            entry["fssdp_metrics"] = ctl.metrics()
-            entry["fssdp_resharded_times"] = system.resharded
-            entry["fssdp_replicas_per_expert"] = [st.placement.sum(dim=1).tolist() for st in ctl.states]
-            entry["fssdp_owner_per_expert"] = [st.ownership.owner.tolist() for st in ctl.states]
-            entry["fssdp_overlap_budget"] = ctl.overlap_budget
-        if system.name == "deepspeed":
-            entry["deepspeed_capacity_last"] = [m.last_stats.capacity for m in system.moe_modules()]
-        per_rank["systems"][system.name] = entry
-    info = {x.name: x.info for x in systems}
+            entry["fssdp"] = {"metrics": ctl.metrics(), "overlap_budget": ctl.overlap_budget,
+                              "replicas_per_expert": [st.placement.sum(dim=1).tolist() for st in ctl.states],
+                              "owner_per_expert": [st.ownership.owner.tolist() for st in ctl.states]}
+        if system.spec.kind == "deepspeed":
+            entry["capacity_last_step_per_layer"] = [m.router.last_capacity for m in system.model.moe_layers()]
+        per_rank["systems"][name] = entry
+    info = {n: x.info for n, x in systems.items()}
     del systems
     gc.collect()
-    return {"samples": samples, "per_rank": per_rank, "check": check, "info": info}
+    return {"samples": samples, "per_rank": per_rank, "agreement": agreement, "info": info}
 
 
-def check_agreement(s: Setup, systems: list[System], workload: str, forced0: list[torch.Tensor]) -> dict[str, Any]:
-    """Same first-step loss for all systems (EP as reference); routing honoured by DeepSpeed.
+def check_systems_agree(s: Setup, systems: list[System], workload: str, forced_last: list[torch.Tensor]) -> dict[str, Any]:
+    """Abort (:class:`NumericalDisagreement`) unless the systems compute the same thing; report the differences.
 
-    fp32: the step-0 cross-entropies must agree within 1e-4 (relative); the later warm-up steps of
-    FSSDP vs EP are reported too (same update rule, so they stay close). DeepSpeed's losses after
-    step 0 differ slightly by design: its load-balancing loss has another definition and no z-loss,
-    so its router receives other gradients.
+    - Matched systems (``ep``, ``fssdp``, ``deepspeed``): the cross-entropy (mean over ranks) of the first step and
+      of every warm-up step within relative ``rtol`` (1e-4 fp32, 2e-2 bf16). With a non-zero
+      ``--aux-loss-coef``/``--z-loss-coef`` DeepSpeed optimises another auxiliary loss, so only its first step is
+      compared.
+    - DeepSpeed honoured the forced routing: its per-expert counts of the last warm-up step equal the workload's.
+    - ``ep_cf<x>`` and ``deepspeed_cf<x>``: the same number of dropped assignments at every warm-up step.
+    - Capacity modes drop tokens, so their losses differ by design: their difference from ``ep`` is reported.
     """
     a = s.args
+    rtol = 1e-4 if s.amp_dtype is None else 2e-2
+    by_name = {x.name: x for x in systems}
     losses = {x.name: _mean_over_ranks(x.losses, s.device) for x in systems}
-    tol = 1e-4 if s.amp_dtype is None else 2e-2
-    report: dict[str, Any] = {"tolerance_rel": tol, "first_step_loss": {k: v[0] for k, v in losses.items()},
-                              "warmup_losses": losses}
-    ref = "ep" if "ep" in losses else next(iter(losses))
-    ok = True
-    for name, v in losses.items():
-        if name == ref:
+    report: dict[str, Any] = {"rtol": rtol, "first_step_loss": {n: v[0] for n, v in losses.items()}, "warmup_losses": losses}
+    matched = [n for n in MATCHED if n in losses]
+    if len(matched) > 1:
+        report["first_step_abs_diff"] = check_agreement(
+            f"{workload}: cross-entropy at the first step", {n: losses[n][0] for n in matched}, rtol=rtol)
+        same_objective = a.aux_loss_coef == 0 and a.z_loss_coef == 0
+        warm = [n for n in matched if same_objective or n != "deepspeed"]
+        report["warmup_compared"] = warm
+        if len(warm) > 1:
+            report["warmup_abs_diff"] = check_agreement(
+                f"{workload}: cross-entropy at the {a.warmup} warm-up steps", {n: losses[n] for n in warm}, rtol=rtol)
+    routed = [x for x in systems if x.spec.kind == "deepspeed"]
+    if routed:
+        params = _workload_params(s)
+        expected = [torch.bincount(idx.flatten().cpu(), minlength=a.experts).float() for idx in forced_last]
+        ok = all(torch.equal(m.last_stats.tokens_per_expert.cpu(), e) for x in routed for m, e in
+                 zip(x.model.moe_layers(), expected))
+        flag = torch.tensor([float(ok)], device=s.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            raise NumericalDisagreement(f"{workload}: DeepSpeed's per-expert counts differ from the forced routing "
+                                        f"({params}); its gate did not follow the workload")
+        report["deepspeed_routing_identical"] = True
+    report["capacity_modes"] = {}
+    for x in systems:
+        if not x.spec.capacity_factor:
             continue
-        rel0 = _rel(v[0], losses[ref][0])
-        report[f"{name}_vs_{ref}_first_step_rel_diff"] = rel0
-        ok &= rel0 <= tol
-        if name == "fssdp":
-            report[f"fssdp_vs_{ref}_warmup_max_rel_diff"] = max(_rel(x, y) for x, y in zip(v, losses[ref]))
-    ds = next((x for x in systems if x.name == "deepspeed"), None)
-    if ds is not None:  # DeepSpeed's per-rank counts of the last step vs the workload's
-        step = ds.step - 1
-        params = WorkloadParams(a.experts, a.top_k, s.world, a.seed, a.one_hot_share, a.hot_rank_share, a.rotate_every)
-        expected = [torch.bincount(forced_indices(workload, step, i, s.rank, a.batch_size * a.seq_len, params).flatten(),
-                                   minlength=a.experts) for i in range(a.layers)]
-        got = [m.last_stats.exp_counts.detach().cpu().long() for m in ds.moe_modules()]
-        same = torch.tensor([float(all(torch.equal(e, g) for e, g in zip(expected, got)))], device=s.device)
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        report["deepspeed_routing_identical"] = bool(same.item())
-        ok &= bool(same.item())
-    report["ok"] = bool(ok)
-    if not ok:
-        msg = f"{workload}: systems disagree on the first training step (or DeepSpeed ignored the forced routing): {report}"
-        if not a.allow_mismatch:
-            raise RuntimeError(msg + " (rerun with --allow-mismatch to time them anyway)")
-        logger.error(msg)
-    else:
-        logger.info("%s: first-step loss %s; max rel diff vs %s %.1e", workload,
-                    ", ".join(f"{k} {v:.6f}" for k, v in report["first_step_loss"].items()), ref,
-                    max([v for k, v in report.items() if k.endswith("first_step_rel_diff")], default=0.0))
+        entry: dict[str, Any] = {"dropped_per_warmup_step_all_ranks": [v * s.world for v in _mean_over_ranks(
+            [float(d) for d in x.warmup_dropped], s.device)]}
+        if "ep" in losses:
+            entry["first_step_rel_diff_vs_ep"] = abs(losses[x.name][0] - losses["ep"][0]) / abs(losses["ep"][0])
+            entry["warmup_max_rel_diff_vs_ep"] = _max_rel(losses[x.name], losses["ep"])
+        report["capacity_modes"][x.name] = entry
+    for x in systems:  # ours with a capacity vs DeepSpeed with the same capacity factor: the same drops
+        twin = f"deepspeed_cf{x.name[len('ep_cf'):]}" if x.spec.kind == "ep" and x.spec.capacity_factor else None
+        if twin in by_name:
+            modes = report["capacity_modes"]
+            check_agreement(f"{workload}: assignments dropped per warm-up step at capacity factor {x.spec.capacity_factor}",
+                            {x.name: modes[x.name]["dropped_per_warmup_step_all_ranks"],
+                             twin: modes[twin]["dropped_per_warmup_step_all_ranks"]}, rtol=0.0, atol=0.0)
+            modes[x.name][f"warmup_max_rel_diff_vs_{twin}"] = _max_rel(losses[x.name], losses[twin])
+    logger.info("%s: first-step cross-entropy %s", workload,
+                ", ".join(f"{n} {v:.6f}" for n, v in report["first_step_loss"].items()))
     return report
 
 
@@ -917,215 +1007,230 @@ def check_agreement(s: Setup, systems: list[System], workload: str, forced0: lis
 
 
 def run_rank(args: argparse.Namespace) -> None:
-    """The body of one rank: init, data, every workload, gather, write (rank 0)."""
+    """The body of one rank: init, data, FSSDP's t, every workload, gather, write (rank 0).
+
+    A numerical disagreement ends every rank with exit code 3 after rank 0 printed one line naming it.
+    """
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     level = logging.getLevelName(args.log_level.upper()) if rank == 0 else logging.WARNING
     setup_logging(rank if world > 1 else None, level)
-    for name in ("system", "system.parallel.fssdp.apply"):  # keep the library quiet on rank 0 unless asked
+    for name in ("system", "system.parallel.fssdp.apply"):  # keep the library quiet unless asked
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     if args.device == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=10), device_id=device)
         amp = torch.bfloat16
-        args.pinned_cpu = None
+        args.pinned_cpus = None
     else:
         device = torch.device("cpu")
         torch.set_num_threads(args.threads)
-        args.pinned_cpu = _pin_cpu(local_rank, args) if not args.no_pin else None
+        args.pinned_cpus = None if args.no_pin else _pin_cpu(local_rank, args.threads, world)
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
         amp = None
-    s = Setup(args, rank, world, device, amp, max_grad_norm=model_configs(args)[2].max_grad_norm)
+    _, moe_cfg, train_cfg = model_configs(args)
+    s = Setup(args, rank, world, device, amp, max_grad_norm=train_cfg.max_grad_norm, load_balance=moe_cfg.load_balance)
     from system.distributed.init import shutdown_distributed
 
-    _run(s)
-    shutdown_distributed()  # success only: after an exception torchrun stops the peers
+    try:
+        _run(s)
+    except NumericalDisagreement as e:
+        if rank == 0:
+            print(f"expert_parallel benchmark ABORTED: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    shutdown_distributed()  # success only: after an exception the launcher stops the peers
 
 
 def _run(s: Setup) -> None:
     from system.distributed import ParallelDims
 
     a = s.args
-    if "deepspeed" in a.system_list:
+    importlib.import_module("system.models.parallelize")  # its imports happen before gc.freeze() below
+    if any(Spec.parse(n).kind == "deepspeed" for n in a.system_list):
         import deepspeed
+        import deepspeed.moe.layer  # noqa: F401
 
         deepspeed.init_distributed(dist_backend="nccl" if s.device.type == "cuda" else "gloo")
     s.meshes["ep"] = ParallelDims.from_config(dp=1, ep=s.world, world_size=s.world).build_mesh(s.device.type)
     s.meshes["fssdp"] = ParallelDims.from_config(dp=s.world, ep=1, world_size=s.world).build_mesh(s.device.type)
-    total_steps = a.warmup + a.repeats * a.iters
     t0 = time.perf_counter()
-    batches = build_batches(s, total_steps)
+    batches = build_batches(s, a.warmup + a.repeats * a.iters)
     base = build_base(s)
     n_params, n_active = base.num_params()
     logger.info("model %.2fM params (%.2fM active), %d tokens/rank/step; data ready in %.1f s",
                 n_params / 1e6, n_active / 1e6, a.batch_size * a.seq_len, time.perf_counter() - t0)
+    # Every gc.collect() before a timed repeat would otherwise walk the libraries' objects (0.1-0.5 s each).
+    gc.collect()
+    gc.freeze()
     load_at_start = list(os.getloadavg())
+    overlap = measure_overlap_budget(s, base, batches) if "fssdp" in a.system_list else None
+    s.overlap_budget = overlap["t"] if overlap else None
     results: dict[str, Any] = {}
     for workload in a.workload_list:
         t_w = time.perf_counter()
         results[workload] = run_workload(s, workload, base, batches)
         logger.info("%s done in %.1f s", workload, time.perf_counter() - t_w)
     gathered: list[Any] = [None] * s.world
-    dist.all_gather_object(gathered, {w: r["per_rank"] for w, r in results.items()})
+    dist.all_gather_object(gathered, {"pinned_cpus": a.pinned_cpus,
+                                      "workloads": {w: r["per_rank"] for w, r in results.items()}})
     if s.rank == 0:
-        write_results(s, results, gathered, (n_params, n_active), load_at_start)
+        write_results(s, results, gathered, (n_params, n_active), load_at_start, overlap)
 
 
 # --------------------------------------------------------------------------------------------
 # results
 
 
-def _ratio(x: float | None, y: float | None) -> float | None:
-    if x is None or y is None or not y or math.isnan(x) or math.isnan(y):
-        return None
-    return x / y
-
-
 def summarize_workload(s: Setup, workload: str, res: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summaries, ratios and per-rank facts of one workload."""
+    """Per-system summaries and per-rank facts of one workload (ratios are added by :func:`add_ratios`)."""
     a = s.args
     global_tokens = a.batch_size * a.seq_len * s.world
-    params = WorkloadParams(a.experts, a.top_k, s.world, a.seed, a.one_hot_share, a.hot_rank_share, a.rotate_every)
+    params = _workload_params(s)
     timed = range(a.warmup, a.warmup + a.repeats * a.iters)
     stats = workload_stats(workload, timed, a.layers, a.batch_size * a.seq_len, s.world, params)
     if workload == "rotating":
         stats["hot_expert_layer0_timed_steps"] = [hot_expert(workload, 0, t, params) for t in timed]
+    useful = a.batch_size * a.seq_len * a.top_k * a.layers  # T*k per layer per rank: the even share of expert rows
     systems: dict[str, Any] = {}
     for name, secs in res["samples"].items():
-        step_ms = [1e3 * t / a.iters for t in secs]
-        tps = [global_tokens * a.iters / t for t in secs]
-        per_layer = [r[workload]["systems"][name]["expert_rows_per_step_per_layer"] for r in ranks]  # [rank][layer]
-        rows = [sum(x) for x in per_layer]
-        useful = a.batch_size * a.seq_len * a.top_k * a.layers  # T*k per layer per rank on average
-        # Each layer's all-to-all waits for its busiest rank: the critical path is the sum over layers of the max.
-        critical = sum(max(col) for col in zip(*per_layer))
+        mine = [r["workloads"][workload] for r in ranks]
+        per_layer = [r["systems"][name]["expert_rows_per_step_per_layer"] for r in mine]  # [rank][layer]
+        dropped = sum(r["systems"][name]["dropped_per_step"] for r in mine)
+        made = sum(r["systems"][name]["assignments_per_step"] for r in mine)
         entry: dict[str, Any] = {
-            "tokens_per_s": summarize(tps),
-            "step_ms_slowest_rank": summarize(step_ms),
+            "tokens_per_s": summarize([global_tokens * a.iters / t for t in secs]),
+            "step_ms_slowest_rank": summarize([1e3 * t / a.iters for t in secs]),
             "samples_s_per_repeat": secs,
-            "peak_rss_bytes_per_rank": [r[workload]["rss_peak"][name] for r in ranks],
-            "peak_gpu_bytes_per_rank": [r[workload]["gpu_peak"][name] for r in ranks] if s.device.type == "cuda" else None,
-            "expert_rows_per_step_per_rank": rows,
+            "peak_rss_bytes_per_rank": [r["rss_peak"][name] for r in mine],
+            "peak_gpu_bytes_per_rank": [r["gpu_peak"][name] for r in mine] if s.device.type == "cuda" else None,
             "expert_rows_per_step_per_rank_per_layer": per_layer,
-            # sum over layers of the busiest rank's expert rows, over the even share of the useful rows
-            # (T*k per layer and rank): > 1 means ranks wait for an overloaded (or padded) one
-            "busiest_rank_rows_over_even": critical / useful,
+            # Each layer's all-to-all waits for its busiest rank: sum over layers of the max, over the even share.
+            "busiest_rank_rows_over_even": sum(max(col) for col in zip(*per_layer)) / useful,
+            "dropped_assignments_per_step_all_ranks": dropped,
+            "assignments_per_step_all_ranks": made,
+            "drop_rate": dropped / made if made else math.nan,
         }
-        first = ranks[0][workload]["systems"][name]
-        if name == "fssdp":
-            metrics = [r[workload]["systems"][name]["fssdp_metrics"] for r in ranks]
+        first = mine[0]["systems"][name]
+        if "fssdp" in first:
+            metrics = [r["systems"][name]["fssdp"]["metrics"] for r in mine]
             gather = [m["fssdp/gather_bytes_per_step"] for m in metrics]
             reduce = [m["fssdp/reduce_bytes_per_step"] for m in metrics]
             entry["fssdp"] = {
-                "overlap_budget_t": first["fssdp_overlap_budget"],
-                "replicas_per_expert_end": first["fssdp_replicas_per_expert"],
-                "replicas_mean_per_layer": [v for k, v in metrics[0].items() if k.startswith("fssdp/replicas_mean")],
-                "replicas_max_per_layer": [v for k, v in metrics[0].items() if k.startswith("fssdp/replicas_max")],
-                "owner_per_expert_end": first["fssdp_owner_per_expert"],
-                "resharded_times": first["fssdp_resharded_times"],
+                "overlap_budget_t": first["fssdp"]["overlap_budget"],
+                "replicas_per_expert_end": first["fssdp"]["replicas_per_expert"],
+                "owner_per_expert_end": first["fssdp"]["owner_per_expert"],
+                "reshard_points_passed": (a.warmup + a.repeats * a.iters) // fssdp_config(a).reshard_interval
+                if fssdp_config(a).reshard_interval else 0,
                 "gather_bytes_per_step_per_rank": gather,
                 "reduce_bytes_per_step_per_rank": reduce,
                 "bytes_moved_per_step_total": sum(gather) + sum(reduce),
                 "metrics_per_rank": metrics,
             }
-        if name == "deepspeed":
-            entry["deepspeed"] = {
-                "capacity_last_step_per_layer": first["deepspeed_capacity_last"],
-                # rows its experts compute (E*C per layer, every rank alike) over the useful T*k
-                "padding_factor": critical / useful,
-            }
+        if "capacity_last_step_per_layer" in first:
+            entry["deepspeed_capacity_last_step_per_layer"] = first["capacity_last_step_per_layer"]
         systems[name] = entry
-
-    def med(name: str, key: str) -> float | None:
-        return systems[name][key]["median"] if name in systems else None
-
-    def paired(num: str, den: str) -> dict[str, float] | None:
-        """Median over repeats of den's time / num's time in the same repeat (= num's speed-up)."""
-        if num not in res["samples"] or den not in res["samples"]:
-            return None
-        return summarize([d / n for n, d in zip(res["samples"][num], res["samples"][den])])
-
-    ratios = {
-        "fssdp_over_ep_tokens_per_s": _ratio(med("fssdp", "tokens_per_s"), med("ep", "tokens_per_s")),
-        "fssdp_over_ep_paired": paired("fssdp", "ep"),
-        "deepspeed_over_ep_tokens_per_s": _ratio(med("deepspeed", "tokens_per_s"), med("ep", "tokens_per_s")),
-        "fssdp_over_deepspeed_tokens_per_s": _ratio(med("fssdp", "tokens_per_s"), med("deepspeed", "tokens_per_s")),
-        "ep_over_deepspeed_tokens_per_s": _ratio(med("ep", "tokens_per_s"), med("deepspeed", "tokens_per_s")),
-        "fssdp_over_deepspeed_paired": paired("fssdp", "deepspeed"),
-    }
-    return {
-        "description": describe_workload(workload, a),
-        "workload": stats,
-        "agreement": res["check"],
-        "systems": systems,
-        "ratios": ratios,
-    }
+    return {"description": describe_workload(workload, a), "workload": stats, "agreement": res["agreement"],
+            "systems": systems, "ratios": {}}
 
 
-def evaluate_goals(workloads: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals per workload: value, target, met (None when a system or balanced is missing)."""
+def add_ratios(s: Setup, workloads: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ratio of every workload, from paired per-repeat samples; returns the goals (a subset).
+
+    Goals (thresholds from the command line): FSSDP/EP tokens/s ``>= --goal-balanced`` on ``balanced`` and
+    ``>= --goal-skew-speedup`` on the others; FSSDP's step time on a skewed workload over its step time on
+    ``balanced`` ``<= --goal-skew-step``, paired by repeat index (repeat i of both workloads). The other ratios
+    are comparisons against parity (1.0: "met" = the numerator is faster with 95% confidence).
+    """
+    a = s.args
+    names = a.system_list
     goals = []
-    bal = workloads.get("balanced")
-    bal_fssdp = bal["systems"]["fssdp"]["step_ms_slowest_rank"]["median"] if bal and "fssdp" in bal["systems"] else None
-    for name, w in workloads.items():
-        r = w["ratios"]["fssdp_over_ep_tokens_per_s"]
-        if name == "balanced":
-            goals.append({"workload": name, "goal": f"FSSDP tokens/s within {GOAL_BALANCED_TOL:.0%} of EP",
-                          "value": r, "target": f">= {1 - GOAL_BALANCED_TOL:.2f}x EP",
-                          "met": None if r is None else r >= 1 - GOAL_BALANCED_TOL})
-            continue
-        goals.append({"workload": name, "goal": f"FSSDP tokens/s >= {GOAL_SKEW_SPEEDUP}x EP", "value": r,
-                      "target": f">= {GOAL_SKEW_SPEEDUP:.2f}x", "met": None if r is None else r >= GOAL_SKEW_SPEEDUP})
-        mine = w["systems"]["fssdp"]["step_ms_slowest_rank"]["median"] if "fssdp" in w["systems"] else None
-        flat = _ratio(mine, bal_fssdp)
-        w["ratios"]["fssdp_step_over_fssdp_balanced_step"] = flat
-        goals.append({"workload": name, "goal": f"FSSDP slowest-rank step time <= {GOAL_SKEW_FLAT}x its balanced step time",
-                      "value": flat, "target": f"<= {GOAL_SKEW_FLAT:.2f}x", "met": None if flat is None else flat <= GOAL_SKEW_FLAT})
-    if bal is not None:
-        bal["ratios"]["fssdp_step_over_fssdp_balanced_step"] = 1.0 if bal_fssdp else None
+    for wname, w in workloads.items():
+        tps = {n: _per_repeat_tps(s, w, n) for n in names}
+        pairs: list[tuple[str, str, float, bool]] = []  # (num, den, goal, is_goal)
+        if "fssdp" in names and "ep" in names:
+            pairs.append(("fssdp", "ep", a.goal_balanced if wname == "balanced" else a.goal_skew_speedup, True))
+        for ds in (n for n in names if Spec.parse(n).kind == "deepspeed"):
+            if "ep" in names:
+                pairs.append((ds, "ep", 1.0, False))
+            if "fssdp" in names:
+                pairs.append(("fssdp", ds, 1.0, False))
+        for ours in (n for n in names if Spec.parse(n).kind == "ep" and Spec.parse(n).capacity_factor):
+            twin = "deepspeed_cf" + ours[len("ep_cf"):]
+            pairs += [(ours, "ep", 1.0, False)] + ([(ours, twin, 1.0, False)] if twin in names else [])
+        for num, den, goal, is_goal in pairs:
+            r = ratio_goal(f"{num}/{den} tokens/s", tps[num], tps[den], goal)
+            r["kind"] = "goal" if is_goal else "comparison"
+            w["ratios"][f"{num}/{den}"] = r
+            if is_goal:
+                goals.append({"workload": wname, **r})
+        bal = workloads.get("balanced")
+        if wname != "balanced" and bal is not None and "fssdp" in names:
+            step = [1e3 * t / a.iters for t in w["systems"]["fssdp"]["samples_s_per_repeat"]]
+            bal_step = [1e3 * t / a.iters for t in bal["systems"]["fssdp"]["samples_s_per_repeat"]]
+            r = ratio_goal("fssdp step time / fssdp balanced step time (paired by repeat index)", step, bal_step,
+                           a.goal_skew_step, higher_is_better=False)
+            r["kind"] = "goal"
+            w["ratios"]["fssdp_step/fssdp_balanced_step"] = r
+            goals.append({"workload": wname, **r})
     return goals
 
 
+def _per_repeat_tps(s: Setup, w: dict[str, Any], name: str) -> list[float]:
+    a = s.args
+    return [a.batch_size * a.seq_len * s.world * a.iters / t for t in w["systems"][name]["samples_s_per_repeat"]]
+
+
 def write_results(s: Setup, results: dict[str, Any], gathered: list[dict[str, Any]], params: tuple[int, int],
-                  load_at_start: list[float]) -> None:
+                  load_at_start: list[float], overlap: dict[str, Any] | None) -> None:
     """Summarise every workload and write ``expert_parallel_<device><tag>.json`` and ``.md``."""
     a = s.args
     workloads = {w: summarize_workload(s, w, res, gathered) for w, res in results.items()}
-    goals = evaluate_goals(workloads)
+    goals = add_ratios(s, workloads)
     model_cfg, moe_cfg, train_cfg = model_configs(a)
-    from dataclasses import asdict
-
-    config = {k: v for k, v in vars(a).items() if k not in ("pinned_cpu", "corpus_info")}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    config = {k: v for k, v in vars(a).items() if k not in ("pinned_cpus", "corpus_info", "perturb_system")}
     config.update(
         world_size=s.world, tokens_per_rank_per_step=a.batch_size * a.seq_len,
         global_tokens_per_step=a.batch_size * a.seq_len * s.world, amp_dtype=str(s.amp_dtype) if s.amp_dtype else "fp32",
-        model=asdict(model_cfg), moe=asdict(moe_cfg), training=asdict(train_cfg), fssdp=asdict(fssdp_config(a)),
+        model=asdict(model_cfg), moe=asdict(moe_cfg), training=asdict(train_cfg),
+        fssdp=asdict(fssdp_config(a, s.overlap_budget)) if s.overlap_budget is not None else asdict(fssdp_config(a)),
         params_total=params[0], params_active=params[1], data=getattr(a, "corpus_info", None),
-        pinned_cpus=[next(iter(r.values()))["pinned_cpu"] if r else None for r in gathered],
+        pinned_cpus=[r["pinned_cpus"] for r in gathered],
+        cpus_available=a.cpus_available,
+        oversubscribed=s.device.type == "cpu" and s.world * a.threads > (a.cpus_available or cpus),
     )
     first_info = next(iter(results.values()))["info"] if results else {}
-    rss_reset_ok = all(r[w]["rss_reset_ok"] for r in gathered for w in r)
+    rss_reset_ok = all(r["workloads"][w]["rss_reset_ok"] for r in gathered for w in r["workloads"])
     result = {
         "benchmark": "expert_parallel",
         "description": "training-step throughput under routing imbalance: EP vs FSSDP (Hecate) vs DeepSpeed-MoE",
+        "provenance": provenance(["deepspeed"]),
         "config": config,
-        "versions": package_versions(["torch", "deepspeed", "moe-system", "numpy"]),
-        "host": {**host_info(), "loadavg_1_5_15_at_start": load_at_start, "loadavg_1_5_15_at_end": list(os.getloadavg())},
+        "loadavg_1_5_15": {"start": load_at_start, "end": list(os.getloadavg())},
         "method": {
-            "step": "forward + CE + MoE aux losses, backward, gradient sync (dense averaged over ranks, experts / W), "
-            "global-norm clipping, AdamW, LR schedule; FSSDP: controller.begin_step() before and end_step(optimizer) after",
+            "step": "system.train.step.train_step for every system (forward, CE + MoE aux losses, backward, gradient "
+            "sync, global-norm clipping, AdamW, LR schedule; FSSDP begin/end_step); DeepSpeed through "
+            "train_step(sync_and_clip=) built from system.parallel.grads.all_reduce_grads + clip_by_global_norm_",
             "routing": "forced [T, k] expert ids per (workload, seed, step, layer, rank), exact per-expert counts, "
             "k distinct experts per token; identical for every system",
-            "timing": "per workload: systems built from the same initial weights, warm-up steps, then interleaved repeats; "
-            "each repeat times --iters steps between barriers; the repeat's time is the slowest rank's",
-            "tokens_per_s": "global tokens per step * iters / repeat time",
-            "step_ms_slowest_rank": "repeat time / iters",
+            "timing": "per workload: systems built from the same initial weights, the same warm-up steps, agreement "
+            "check, then repeats with the order of the systems rotated per repeat (benchmarks.common.rotated); each "
+            "repeat times --iters steps between barriers; the repeat's time is the slowest rank's",
+            "statistics": "every ratio: median of the paired per-repeat ratios with a 95% percentile-bootstrap "
+            "interval (benchmarks.common.ratio_goal); verdict 'met' only when the whole interval clears the goal",
+            "skew_step_pairing": "FSSDP's skewed/balanced step time pairs repeat i of the skewed workload with repeat i "
+            "of balanced: the same position in each workload's run, not the same moment (workloads run one after "
+            "another), so a drift of the machine between workloads is not removed",
+            "agreement": "matched systems (ep, fssdp, deepspeed): cross-entropy of the first and of every warm-up step "
+            "within rtol (else the run aborts); capacity modes: loss difference and drops reported, not checked",
+            "fssdp_overlap_budget": overlap,
             "peak_rss": "VmHWM reset before each repeat of a system; max over its repeats; includes the process "
             "baseline (interpreter, libraries, data, all systems' models of the workload)"
             + ("" if rss_reset_ok else " [reset unavailable: peak since process start]"),
-            "expert_rows": "token copies the experts of a rank computed per step (all MoE layers); DeepSpeed: E*C per "
-            "layer (padded)",
+            "expert_rows": "token copies the experts of a rank computed per step; DeepSpeed: E*C per layer (padded)",
+            "drop_rate": "assignments evicted by the capacity (DeepSpeed: its sparse routes' index -1; ours: "
+            "MoEStats.dropped) over all assignments, timed steps, all ranks",
         },
         "systems": first_info,
         "workloads": workloads,
@@ -1134,111 +1239,118 @@ def write_results(s: Setup, results: dict[str, Any], gathered: list[dict[str, An
     out_dir = Path(a.out)
     stem = f"expert_parallel_{a.device}{a.tag}"
     json_path = write_json(out_dir / f"{stem}.json", result)
-    md = render_markdown(s, result)
-    md_path = write_text(out_dir / f"{stem}.md", md)
+    md_path = write_text(out_dir / f"{stem}.md", render_markdown(s, result))
     logger.info("wrote %s and %s", json_path, md_path)
-    print(md)
 
 
-def _fmt(x: float | None, spec: str = ".2f", suffix: str = "x") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
+def _x(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _e(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1e}"
+
+
+def _interval(r: dict[str, Any]) -> str:
+    return f"[{_x(r['ci_low'])}, {_x(r['ci_high'])}] (width {_x(r['ci_high'] - r['ci_low'])})"
 
 
 def render_markdown(s: Setup, result: dict[str, Any]) -> str:
-    """The markdown report: setup, throughput table, details table, goals, notes."""
+    """The markdown report: stamp, setup, throughput, goals, comparisons, capacity modes, details, notes."""
     a = s.args
     cfg = result["config"]
     wl = result["workloads"]
-    names = [n for n in SYSTEMS if n in a.system_list]
-    label = {"ep": "EP", "fssdp": "FSSDP", "deepspeed": "DS"}
-    headers = ["workload", "max/mean expert load", "EP busiest rank / even"]
-    headers += [f"{label[n]} tokens/s" for n in names] + [f"{label[n]} step ms" for n in names]
-    headers += ["FSSDP/EP", "FSSDP/EP paired", "FSSDP step / FSSDP balanced", "DS/EP", "FSSDP/DS"]
+    names = a.system_list
+    fcfg = cfg["fssdp"]
+    over = result["method"]["fssdp_overlap_budget"]
     rows = []
     for w, r in wl.items():
-        sy, ra = r["systems"], r["ratios"]
-        row = [w, f"{r['workload']['load_max_over_mean']:.2f}", f"{r['workload']['ep_busiest_rank_over_even']:.2f}"]
-        row += [f"{sy[n]['tokens_per_s']['median']:,.0f}" for n in names]
-        row += [f"{sy[n]['step_ms_slowest_rank']['median']:.0f}" for n in names]
-        pr = ra.get("fssdp_over_ep_paired")
-        row += [_fmt(ra["fssdp_over_ep_tokens_per_s"]), _fmt(pr["median"]) if pr else "n/a",
-                _fmt(ra.get("fssdp_step_over_fssdp_balanced_step")), _fmt(ra["deepspeed_over_ep_tokens_per_s"]),
-                _fmt(ra["fssdp_over_deepspeed_tokens_per_s"])]
-        rows.append(row)
-    d_headers = ["workload"] + [f"{label[n]} peak RSS/rank" for n in names]
-    d_headers += [f"{label[n]} expert rows, busiest rank / even" for n in names]
-    d_headers += ["FSSDP t", "FSSDP replicas/expert (layer 0, end)", "FSSDP MiB moved/step (all ranks)", "FSSDP re-shardings",
-                  "first-step loss agree"]
-    d_rows = []
-    for w, r in wl.items():
         sy = r["systems"]
+        rows.append([w, f"{r['workload']['load_max_over_mean']:.2f}", f"{r['workload']['ep_busiest_rank_over_even']:.2f}"]
+                    + [f"{sy[n]['tokens_per_s']['median']:,.0f}" for n in names]
+                    + [f"{sy[n]['step_ms_slowest_rank']['median']:.0f}" for n in names])
+    headers = ["workload", "max/mean expert load", "EP busiest rank / even"]
+    headers += [f"{n} tokens/s" for n in names] + [f"{n} step ms" for n in names]
+    goal_rows = [[g["workload"], f"{g['name']} {g['direction']} {g['goal']:g}", _x(g["median"]), _interval(g),
+                  f"**{g['verdict']}**", g["note"]] for g in result["goals"]]
+    cmp_rows = [[w, k, _x(r["median"]), _interval(r), r["verdict"]]
+                for w, d in wl.items() for k, r in d["ratios"].items() if r["kind"] == "comparison"]
+    cap_rows = []
+    for w, d in wl.items():
+        modes = d["agreement"].get("capacity_modes", {})
+        for n, m in modes.items():
+            sy = d["systems"][n]
+            cap = sy.get("deepspeed_capacity_last_step_per_layer")
+            twin = [f"{k[len('warmup_max_rel_diff_vs_'):]} {_e(v)}" for k, v in m.items()
+                    if k.startswith("warmup_max_rel_diff_vs_") and not k.endswith("_vs_ep")]
+            cap_rows.append([w, n, f"{sy['drop_rate']:.2%}", _e(m.get("first_step_rel_diff_vs_ep")),
+                             _e(m.get("warmup_max_rel_diff_vs_ep")) + (f" ({', '.join(twin)})" if twin else ""),
+                             " ".join(map(str, cap)) if cap else "n/a"])
+    d_rows = []
+    for w, d in wl.items():
+        sy = d["systems"]
+        fs = sy.get("fssdp", {}).get("fssdp")
         row = [w] + [format_bytes(max(sy[n]["peak_rss_bytes_per_rank"])) for n in names]
         row += [f"{sy[n]['busiest_rank_rows_over_even']:.2f}" for n in names]
-        fs = sy.get("fssdp", {}).get("fssdp")
-        if fs:
-            row += [str(fs["overlap_budget_t"]), " ".join(str(int(v)) for v in fs["replicas_per_expert_end"][0]),
-                    f"{fs['bytes_moved_per_step_total'] / 2**20:.1f}", str(fs["resharded_times"])]
-        else:
-            row += ["n/a"] * 4
-        ag = r["agreement"]
-        row.append(("yes" if ag["ok"] else "NO") + " (" + ", ".join(
-            f"{k.split('_vs_')[0]} {v:.0e}" for k, v in ag.items() if k.endswith("first_step_rel_diff")) + ")")
+        row += ([" ".join(str(int(v)) for v in fs["replicas_per_expert_end"][0]), f"{fs['bytes_moved_per_step_total'] / 2**20:.1f}"]
+                if fs else ["n/a", "n/a"])
+        ag = d["agreement"]
+        row.append(", ".join(f"{k} {v:.0e}" for k, v in (ag.get("warmup_abs_diff") or ag.get("first_step_abs_diff") or {}).items()))
         d_rows.append(row)
-    g_lines = []
-    for g in result["goals"]:
-        status = "n/a" if g["met"] is None else ("met" if g["met"] else "not met")
-        g_lines.append(f"- {g['workload']}: {g['goal']} (target {g['target']}): {_fmt(g['value'])} -> **{status}**")
-    fcfg = cfg["fssdp"]
-    loads = result["host"]
+    d_headers = ["workload"] + [f"{n} peak RSS/rank" for n in names] + [f"{n} expert rows, busiest rank / even" for n in names]
+    d_headers += ["FSSDP replicas/expert (layer 0, end)", "FSSDP MiB moved/step (all ranks)", "max abs CE diff vs ep (warm-up)"]
+    oversub = (f" **Oversubscribed: {s.world} processes x {a.threads} thread(s) on {cfg['cpus_available']} cores; "
+               "ranks time-share cores, so step times include waiting for a core.**" if cfg["oversubscribed"] else "")
+    fssdp_line = ""
+    if over:
+        est = f"; estimates {over['estimates']}" if over["estimates"] else ""
+        fssdp_line = (f"FSSDP: w={fcfg['load_window']}, m={fcfg['memory_budget']}, t={fcfg['overlap_budget']} for every "
+                      f"workload ({over['source']}{est}), R={fcfg['reshard_interval']}, "
+                      f"RM={'on' if fcfg['rematerialize'] else 'off'}, prefetch {'on' if fcfg.get('prefetch') else 'off'}.")
     lines = [
-        f"# Training step under routing imbalance: {', '.join(label[n] for n in names)} ({a.device})",
+        f"# Training step under routing imbalance: {', '.join(names)} ({a.device}, {s.world} processes)",
         "",
+        provenance_markdown(result["provenance"]),
         f"MoETransformer d={a.dim}, {a.layers} layers (all MoE), {a.heads} heads, E={a.experts} SwiGLU experts "
-        f"(hidden {a.expert_dim}), top-{a.top_k}, dropless; vocab {cfg['model']['vocab_size']} (bytes of the "
-        f"{(cfg.get('data') or {}).get('corpus', 'default')} corpus); {cfg['params_total'] / 1e6:.1f}M params "
-        f"({cfg['params_active'] / 1e6:.1f}M active); {a.batch_size}x{a.seq_len} = {cfg['tokens_per_rank_per_step']} "
-        f"tokens/rank/step x {s.world} ranks; {cfg['amp_dtype']}. Step = fwd + bwd + grad sync + clip + AdamW "
-        f"(+ FSSDP begin/end_step). {a.warmup} warm-up steps, then {a.repeats} interleaved repeats x {a.iters} steps; "
-        f"medians; time of the slowest rank. {'NCCL' if s.device.type == 'cuda' else 'Gloo'}, "
-        f"{'1 GPU' if s.device.type == 'cuda' else f'{a.threads} thread(s)'} per rank. FSSDP: w={fcfg['load_window']}, "
-        f"m={fcfg['memory_budget']}, t={'estimated' if fcfg['overlap_budget'] < 0 else fcfg['overlap_budget']}, "
-        f"R={fcfg['reshard_interval']}, RM={'on' if fcfg['rematerialize'] else 'off'}"
-        + (f", prefetch {'on' if fcfg['prefetch'] else 'off'}" if "prefetch" in fcfg else "") + ". "
-        f"torch {result['versions']['torch']}, deepspeed {result['versions']['deepspeed']}; {loads['cpu_model']}.",
+        f"(hidden {a.expert_dim}), top-{a.top_k}; {cfg['params_total'] / 1e6:.1f}M params ({cfg['params_active'] / 1e6:.1f}M "
+        f"active); {a.batch_size}x{a.seq_len} = {cfg['tokens_per_rank_per_step']} tokens/rank/step x {s.world} ranks; "
+        f"{cfg['amp_dtype']}; aux/z loss coefficients {a.aux_loss_coef:g}/{a.z_loss_coef:g}. Every step is "
+        f"`system.train.step.train_step`. {a.warmup} warm-up steps per system, then {a.repeats} repeats x {a.iters} "
+        f"step(s), order rotated per repeat; a repeat's time is the slowest rank's. "
+        f"{'NCCL, 1 GPU' if s.device.type == 'cuda' else f'Gloo, {a.threads} thread(s)'} per rank.{oversub} "
+        + fssdp_line,
+        "",
+        "Median tokens/s and slowest-rank step time per repeat:",
         "",
         markdown_table(headers, rows),
-        markdown_table(d_headers, d_rows),
-        "Goals of the issue:",
+        "Goals (median of paired per-repeat ratios, 95% bootstrap interval; met only when the whole interval clears "
+        "the goal):",
         "",
-        *g_lines,
+        markdown_table(["workload", "goal", "median", "95% interval", "verdict", "note"], goal_rows,
+                       align=["l", "l", "r", "l", "l", "l"]),
+        "Comparisons (paired per-repeat tokens/s ratios against parity 1.0; met = the numerator is faster):",
         "",
-        "Notes:",
-        "",
-        "- Workloads: " + "; ".join(f"`{w}`: {r['description']}" for w, r in wl.items()) + ". "
-        "Assignments are forced per (workload, seed, step, layer, rank) with exact per-expert counts and k distinct "
-        "experts per token, identical for every system. max/mean expert load is over experts, averaged over the timed "
-        "steps and layers; 'EP busiest rank / even' is the share of expert rows on the busiest EP rank over 1/W. "
-        "'expert rows, busiest rank / even' is measured: per layer the rows (token copies) the busiest rank's experts "
-        "computed, summed over layers, over the even share T*k per layer (DeepSpeed: E*C, its padded rows).",
-        "- Ratios: X/Y = median tokens/s of X over Y's; 'paired' = median over repeats of EP's repeat time over FSSDP's "
-        "in the same repeat. 'FSSDP step / FSSDP balanced' divides medians of separate (sequential) workload runs.",
-        "- DeepSpeed: `deepspeed.moe.layer.MoE(drop_tokens=False, use_rts=False)` in our model, weights copied from ours, "
-        "gate forced to the same assignments by answering its `torch.argmax` calls (its gating, dispatch and padding code "
-        "run unchanged). Its dropless capacity C is the largest per-rank expert load over the EP group and every expert "
-        "is padded to C, so under skew its experts compute E*C rows (the 'DS expert rows' column) and its "
-        "all-to-alls move dense [E, C, d] buffers. Its load-balancing loss is its own definition and it has no z-loss, "
-        "so only its first-step cross-entropy is compared.",
-        f"- FSSDP runs {a.warmup + a.repeats * a.iters} steps per workload; re-sharding (Algorithm 2) happens every "
-        f"R={fcfg['reshard_interval']} steps"
-        + (" and is therefore not exercised here (use --fssdp-reshard-interval)." if fcfg["reshard_interval"] == 0
-           or fcfg["reshard_interval"] > a.warmup + a.repeats * a.iters else "."),
-        "- Peak RSS is VmHWM while that system ran (reset before each repeat); it includes the process baseline and "
-        "every system's model of the workload.",
-        f"- Load average (1, 5, 15 min) at start {', '.join(f'{v:.1f}' for v in loads['loadavg_1_5_15_at_start'])}, "
-        f"at end {', '.join(f'{v:.1f}' for v in loads['loadavg_1_5_15_at_end'])} on {loads['logical_cpus']} CPUs.",
-        "- Command: `" + " ".join(["python benchmarks/expert_parallel.py", *sys.argv[1:]]) + "`",
-        "",
+        markdown_table(["workload", "ratio", "median", "95% interval", "verdict"], cmp_rows, align=["l", "l", "r", "l", "l"]),
     ]
+    if cap_rows:
+        lines += ["Capacity modes (they drop assignments, so their loss differs by design; not an agreement check):", "",
+                  markdown_table(["workload", "system", "drop rate", "first-step CE rel. diff vs ep",
+                                  "warm-up max CE rel. diff vs ep (vs its twin)", "DeepSpeed capacity C per layer (last step)"],
+                                 cap_rows, align=["l", "l", "r", "r", "r", "r"])]
+    lines += [markdown_table(d_headers, d_rows), "Notes:", "",
+              "- Workloads: " + "; ".join(f"`{w}`: {r['description']}" for w, r in wl.items()) + ". 'EP busiest rank / "
+              "even' is the busiest EP rank's share of the expert rows over 1/W; 'expert rows, busiest rank / even' is "
+              "measured (per layer the busiest rank's rows, summed over layers, over the even share T*k; DeepSpeed: E*C "
+              "padded rows).",
+              "- " + result["method"]["skew_step_pairing"] + ".",
+              "- A verdict 'not distinguishable' means the interval straddles the goal: more repeats (or a quieter "
+              "machine) were needed to decide.",
+              "- DeepSpeed: `deepspeed` is the configuration matched to ours (dropless; every expert padded to the "
+              "largest per-rank load over the EP group); `deepspeed_cf<x>` are its recommended defaults with capacity "
+              "factor x. Their gates are forced to the same assignments; gradients go through our gradient code.",
+              f"- Load average (1, 5, 15 min) at start {', '.join(f'{v:.1f}' for v in result['loadavg_1_5_15']['start'])}, "
+              f"at end {', '.join(f'{v:.1f}' for v in result['loadavg_1_5_15']['end'])}.",
+              ""]
     return "\n".join(lines)
 
 
@@ -1248,18 +1360,16 @@ def render_markdown(s: Setup, result: dict[str, Any]) -> str:
 
 def _spawned_rank(local_rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     """Entry of a process started by :func:`main` (``torch.multiprocessing`` spawn)."""
-    os.environ.update(
-        RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     run_rank(args)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark: under torchrun (env set) run this rank; else spawn ``--nproc`` ranks."""
     args = parse_args(argv)
-    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if under_launcher:
+    args.cpus_available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.nproc = int(os.environ["WORLD_SIZE"])
         validate_args(args)
         run_rank(args)
@@ -1270,7 +1380,10 @@ def main(argv: list[str] | None = None) -> None:
                 ",".join(args.system_list), " ".join(args.workload_list))
     import torch.multiprocessing as mp
 
-    mp.start_processes(_spawned_rank, args=(args.nproc, free_port(), args), nprocs=args.nproc, start_method="spawn")
+    try:
+        mp.start_processes(_spawned_rank, args=(args.nproc, free_port(), args), nprocs=args.nproc, start_method="spawn")
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        raise SystemExit(f"expert_parallel benchmark failed: {str(e).strip().splitlines()[0]}") from None
 
 
 if __name__ == "__main__":
