@@ -1,58 +1,69 @@
 """Offloaded inference: our ring (SE-MoE, arXiv 2205.10034, sec. 3.3.2) against Accelerate's offloading.
 
-One MoE decoder of about 1 GB (fp32, created locally from a seed, saved as ``model.safetensors`` +
-``config.json`` like :func:`system.checkpoint.model_io.save_model`) generates ``--new-tokens`` tokens
-for ``B`` prompts of ``--prompt-len`` random byte tokens, greedily, with a KV cache, through the same
-decode code (:func:`system.inference.loop.generate_batch`) in every peer:
+One MoE decoder (fp32, created locally from a seed, saved as ``model.safetensors`` + ``config.json`` like
+:func:`system.checkpoint.model_io.save_model`) generates ``--new-tokens`` tokens for ``B`` prompts of
+``--prompt-len`` random byte tokens, greedily, with a KV cache, through the same decode code
+(:func:`system.inference.loop.generate_batch`) in every peer:
 
-- ``resident``: every weight in memory (the compute bound).
-- ``ring1``, ``ring2``, ``ring3``: :class:`system.inference.OffloadEngine` with ``offload="ring"`` and
-  K = 1 (no prefetch), 2, 3 slots; FFN sections stream from the mmap'd checkpoint through a copier
-  thread and a :class:`system.inference.Link` throttled to the link bandwidth.
-- ``acc_cpu``: ``accelerate.cpu_offload`` (the whole state dict in host memory, each module's
-  weights moved to the execution device by its pre-forward hook and dropped after).
-- ``acc_disk``: ``accelerate.disk_offload`` (weights in Accelerate's ``.dat`` memmaps, read per
-  module per forward, then moved like ``acc_cpu``).
+- ``resident``: every weight in memory (``OffloadEngine(offload="none")``): the compute bound.
+- ``ring1``, ``ring2``, ``ring3``: ``OffloadEngine(offload="ring", slots=K)``: attention, norms, routers,
+  embeddings and head resident; each block's FFN (its experts: a "section") streamed from the mmap'd
+  checkpoint into K preallocated slots by a copier thread, through a :class:`system.inference.Link`
+  throttled to the link bandwidth. K = 1 is the no-prefetch baseline.
+- ``acc_cpu``, ``acc_disk``: Accelerate as documented for a model larger than the device,
+  ``accelerate.cpu_offload(model, execution_device, state_dict=...)`` and
+  ``accelerate.disk_offload(model, offload_dir, execution_device)``: every module's weights are moved
+  to the execution device by its pre-forward hook and dropped after (attention and head included).
+- ``acc_cpu_matched``, ``acc_disk_matched``: ``accelerate.dispatch_model`` with a ``device_map`` that puts
+  exactly the ring's resident modules on the execution device and the ring's sections (the expert
+  modules, by :func:`system.inference.sections.section_index`) on ``"cpu"`` / ``"disk"``: the same bytes
+  streamed per forward pass as the ring.
+- ``<acc peer>_fresh``: the same, but every weight a hook loads goes into a fresh tensor (see below).
 
 Same link for every peer: on a CPU-only machine Accelerate's "move to the execution device" is a
-no-op (cpu -> cpu returns the same tensor), so the benchmark wraps
-``accelerate.hooks.set_module_tensor_to_device``: every value a hook loads first goes through the
-same :class:`~system.inference.Link` as the ring (a throttled copy into a fresh tensor, as a
-host-to-device copy would allocate on the device). ``TopKRouter`` reads its gate weight without
-calling the ``Linear`` module, so it is listed in Accelerate's ``preload_module_classes``.
+no-op, so the benchmark wraps ``accelerate.hooks.set_module_tensor_to_device``: every value a hook
+loads is copied through the same :class:`~system.inference.Link` as the ring. The copy goes into a
+buffer taken from a pool keyed by size, to which the buffer returns when the hook drops the weight
+(moves it to ``meta``), i.e. the memory reuse a GPU caching allocator gives; the ``_fresh`` peers
+allocate a fresh tensor per weight per forward instead (on CPU that costs page faults for every
+tensor above glibc's mmap threshold; on a GPU Accelerate itself calls ``torch.cuda.empty_cache()``
+after every weight it moves, so the pool is the generous case). ``TopKRouter`` reads its gate weight without calling the
+``Linear`` module, so it is in Accelerate's ``preload_module_classes``.
 
-Method: every (repeat, batch size, link, peer) runs in a fresh subprocess, interleaved (repeat r runs
-every configuration before repeat r+1); a worker warms up with a 2-token generation, then times one
-generation: decode tokens/s (the B x (new tokens - 1) tokens of the decode steps over their time),
-prefill time, bytes streamed per forward pass ("per step"), the link bandwidth measured during the
-timed generation (bytes / time in copies, throttling included), peak anonymous memory (``RssAnon`` sampled every 5 ms; ``VmHWM`` is reported too but
-counts the mmap'd checkpoint's page-cache pages) and its baseline before loading the model.
-Medians over repeats. Efficiency ``eta = tokens/s / (B / max(bytes per step / bandwidth, resident
-step time))`` with the bandwidth measured in the same run and the resident peer's median decode
-step time for that batch size. Every peer's generated tokens are checked against the resident's.
+Method: for each cell (batch size, link) one worker process per peer is started (forked from a
+server that has imported torch), loads its model and runs one warm-up generation of
+``--warmup-tokens`` (the same for every peer); then, for each repeat, the peers run one timed
+generation of ``--new-tokens`` each, one at a time, in the order :func:`benchmarks.common.rotated`
+gives. Every worker uses ``--threads`` intra-op threads (1 by default). A peer's figure for a repeat
+is its median decode-step time (a clock read after each sampler call); tokens/s = B / that.
+Every repeat the tokens of every peer must equal the resident peer's (else the run aborts with
+:class:`~benchmarks.common.NumericalDisagreement`). Ratios are medians of per-repeat paired ratios
+with bootstrap intervals (:func:`~benchmarks.common.ratio_goal`); the ring's efficiency per repeat is
+``eta = tokens/s / (B / max(bytes per step / measured link bandwidth, resident step time))`` with
+the resident step time of the same repeat (:func:`~benchmarks.common.efficiency_goal`).
 
 Usage (from the repository root)::
 
-    python benchmarks/offload.py                   # ~1 GB model, links unthrottled/1/2/4 GB/s, B = 1, 8 (long)
-    python benchmarks/offload.py --smoke           # tiny model, one repeat: an end-to-end check
-    python benchmarks/offload.py --links none,2e9 --batch-sizes 4 --peers resident,ring2,acc_cpu
-    python benchmarks/offload.py --device cuda     # GPU: pinned host memory, copy stream (UNTESTED)
+    python benchmarks/offload.py                 # 0.42 GiB model, B = 8, links unthrottled and 2 GB/s, 5 repeats
+    python benchmarks/offload.py --smoke         # toy model, 2 repeats: an end-to-end check
+    python benchmarks/offload.py --links none,1e9,4e9 --batch-sizes 1,8 --peers resident,ring2,acc_cpu_matched
+    python benchmarks/offload.py --device cuda   # GPU: pinned host tier and copy stream; links not throttled
 
-Writes ``<out>/offload_<device>[_smoke]<tag>.json`` and ``.md``. The CUDA path was written without a
-GPU and is untested: there the ring uses :class:`system.inference.CudaTransport` and links are not
-throttled (the real PCIe link is measured).
+Writes ``<out>/offload_<device>[_smoke]<tag>.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import subprocess
+import multiprocessing as mp
+import os
 import sys
 import threading
 import time
+import traceback
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -61,43 +72,82 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    format_bytes, host_info, markdown_table, median, package_versions, summarize, write_json, write_text,
+    NumericalDisagreement, check_agreement, efficiency_goal, fill_defaults, format_bytes, markdown_table, median,
+    paired_ratio_summary, provenance, provenance_markdown, ratio_goal, rotated, setup_logging, summarize, write_json,
+    write_text,
 )
 
 logger = logging.getLogger("benchmarks.offload")
-PEERS = ("resident", "acc_disk", "acc_cpu", "ring1", "ring2", "ring3")
-RESULT_PREFIX = "RESULT "
+ACC_BASE = ("acc_cpu", "acc_disk", "acc_cpu_matched", "acc_disk_matched")
+PEERS = ("resident", "ring1", "ring2", "ring3") + ACC_BASE + tuple(f"{p}_fresh" for p in ACC_BASE)
+DEFAULT_PEERS = ("resident", "ring1", "ring2") + ACC_BASE + ("acc_cpu_matched_fresh",)
+SUBJECT = "ring2"  # the configuration the goals are about: K = 2 (one section prefetched while one computes)
+PRELOAD = ["TopKRouter"]  # reads router.gate.weight without calling the Linear
+
+FULL_DEFAULTS = dict(dim=512, layers=8, heads=8, experts=8, expert_dim=1024, prompt_len=32, new_tokens=10,
+                     warmup_tokens=2, batch_sizes="8", links="none,2e9", repeats=5, threads=1, device_memory="0.5x")
+SMOKE_DEFAULTS = dict(dim=64, layers=4, heads=4, experts=4, expert_dim=128, prompt_len=8, new_tokens=6,
+                      warmup_tokens=2, batch_sizes="2", links="none,2e9", repeats=2, threads=1, device_memory="64MiB")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Parse the command line; ``--smoke``-dependent defaults are filled in afterwards."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="toy model, B = 2, 2 repeats: an end-to-end check")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--dim", type=int, help="model width (512; smoke 64)")
+    p.add_argument("--layers", type=int, help="blocks, all MoE (8; smoke 4)")
+    p.add_argument("--heads", type=int, help="attention heads (8; smoke 4)")
+    p.add_argument("--experts", type=int, help="experts per block (8; smoke 4)")
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--expert-dim", type=int, default=1024)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--batch-sizes", default="1,8", help="comma separated")
-    p.add_argument("--links", default="none,1e9,2e9,4e9", help="bytes/s, comma separated; none = unthrottled")
-    p.add_argument("--peers", default=",".join(PEERS))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device-memory", default="auto", help="ring budget; auto: the K=3 plan of the largest batch + 10%%")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per worker (default: torch's)")
+    p.add_argument("--expert-dim", type=int, help="SwiGLU expert hidden size (1024; smoke 128)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (32; smoke 8)")
+    p.add_argument("--new-tokens", type=int,
+                   help="tokens of each timed generation: new-tokens - 1 decode steps (10; smoke 6)")
+    p.add_argument("--warmup-tokens", type=int, help="tokens of the warm-up generation each worker runs once (2)")
+    p.add_argument("--batch-sizes", help="comma separated (8; smoke 2)")
+    p.add_argument("--links", help="link bandwidths in bytes/s, comma separated; none = unthrottled (none,2e9)")
+    p.add_argument("--peers", default=",".join(DEFAULT_PEERS), help=f"comma list from {','.join(PEERS)}")
+    p.add_argument("--repeats", type=int, help="timed generations per peer and cell, order rotated (5; smoke 2)")
+    p.add_argument("--device-memory",
+                   help="budget of the ring peers' device tier: bytes ('512MiB') or a fraction of the checkpoint's "
+                   "bytes (default '0.5x'; smoke 64MiB: the plan's fixed activation reserve exceeds the toy model); "
+                   "every ring peer gets the same, and a goal checks ring2's peak against it")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads in every worker (1: on 2 cores the ring's copier thread then has the "
+                   "other core, and no OpenMP team waits on a descheduled thread; 0 = torch's default)")
+    p.add_argument("--malloc-cache", action="store_true",
+                   help="set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ high in every worker, so glibc reuses "
+                   "freed heap memory for large tensors instead of mmap/munmap per allocation")
+    p.add_argument("--goal-eta", type=float, default=0.9, help="ring2 efficiency on throttled links (>=)")
+    p.add_argument("--goal-speedup-vs-acc-cpu", type=float, default=1.4,
+                   help="ring2 tokens/s over each acc_cpu* peer on the same link (>=)")
+    p.add_argument("--goal-speedup-vs-acc-disk", type=float, default=3.0,
+                   help="ring2 tokens/s over each acc_disk* peer, unthrottled link (>=)")
+    p.add_argument("--goal-memory", type=float, default=1.0, help="ring2 peak device memory over the budget (<=)")
     p.add_argument("--model-dir", default=None, help="where the model is created/reused (default: benchmarks/.cache)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny model, one repeat, links none and 1e9, B = 2, one thread per worker")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.smoke:
-        args.dim, args.layers, args.heads, args.experts, args.expert_dim = 64, 4, 4, 4, 128
-        args.prompt_len, args.new_tokens, args.batch_sizes, args.links, args.repeats = 8, 4, "2", "none,1e9", 1
-        args.threads = args.threads or 1  # tiny shapes: one thread is steadier on a shared machine
+    fill_defaults(args, SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS)
+    args.peer_list = [x for x in args.peers.split(",") if x]
+    args.batch_list = [int(b) for b in str(args.batch_sizes).split(",")]
+    args.link_list = [_parse_link(x) for x in str(args.links).split(",")] if args.device == "cpu" else [None]
+    bad = sorted(set(args.peer_list) - set(PEERS))
+    if bad or "resident" not in args.peer_list or len(set(args.peer_list)) != len(args.peer_list):
+        raise SystemExit(f"--peers: distinct names from {PEERS}, 'resident' included (the bound); got {args.peers}")
+    if args.new_tokens < 3 or args.warmup_tokens < 1 or args.repeats < 1:
+        raise SystemExit("--new-tokens >= 3 (two decode steps), --warmup-tokens >= 1, --repeats >= 1")
     return args
+
+
+def _parse_link(text: str) -> float | None:
+    return None if text.strip().lower() in ("none", "0", "") else float(text)
+
+
+def link_name(link: float | None) -> str:
+    return "unthrottled" if link is None else f"{link / 1e9:g} GB/s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +195,17 @@ def ensure_model(args: argparse.Namespace) -> Path:
     return root
 
 
+def device_budget(text: str, model_bytes: int) -> int:
+    """``"0.5x"`` -> half the checkpoint's bytes; anything else through :func:`system.inference.parse_bytes`."""
+    from system.inference import parse_bytes
+
+    if text.strip().lower().endswith("x"):
+        return int(float(text.strip()[:-1]) * model_bytes)
+    return int(parse_bytes(text))
+
+
 # ---------------------------------------------------------------------------------------------
-# the worker (one measurement in a fresh process)
+# the worker: one peer, loaded once per cell, asked for one timed generation per repeat
 
 
 def _status_kib(key: str) -> int:
@@ -158,280 +217,463 @@ def _status_kib(key: str) -> int:
 
 
 class AnonSampler:
-    """Peak ``RssAnon`` of this process, sampled every ``period`` seconds in a thread."""
+    """Peak ``RssAnon`` of this process, sampled every ``period`` s in a thread while :attr:`active` is set
+    (cleared while the worker waits, so idle workers do not take CPU from the one being timed)."""
 
     def __init__(self, period: float = 0.005):
         self.peak = _status_kib("RssAnon") * 1024
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
-        self._thread.start()
+        self.active = threading.Event()
+        self.active.set()
+        self._period = period
+        threading.Thread(target=self._run, daemon=True).start()
 
-    def _run(self, period: float) -> None:
-        while not self._stop.wait(period):
+    def _run(self) -> None:
+        while True:
+            self.active.wait()
             self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+            time.sleep(self._period)
 
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
+    def read(self) -> int:
         self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
         return self.peak
 
 
-def _accelerate_model(spec: dict, link):
-    """``MoETransformer`` under Accelerate ``cpu_offload`` / ``disk_offload``, fed through ``link``."""
+class DeviceBuffers:
+    """Buffers on the execution device for the weights Accelerate's hooks load.
+
+    ``reuse=True``: a buffer is taken from a free list of its byte size and goes back to it when the hook
+    drops the weight (moves it to ``meta``), as a GPU caching allocator reuses freed blocks. ``False``:
+    a fresh ``torch.empty`` per weight per forward.
+    """
+
+    def __init__(self, device: torch.device, reuse: bool):
+        self.device, self.reuse = device, reuse
+        self.free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.lent: dict[tuple[int, str], torch.Tensor] = {}
+
+    def take(self, key: tuple[int, str], nbytes: int) -> torch.Tensor:
+        if not self.reuse:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        pool = self.free[nbytes]
+        buf = pool.pop() if pool else torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.lent[key] = buf
+        return buf
+
+    def give_back(self, key: tuple[int, str]) -> None:
+        buf = self.lent.pop(key, None)
+        if buf is not None:
+            self.free[buf.numel()].append(buf)
+
+
+def route_accelerate_through(link, buffers: DeviceBuffers) -> None:
+    """Make every weight an Accelerate hook loads cross ``link`` into a buffer from ``buffers``."""
     import accelerate.hooks as hooks
-    from accelerate import cpu_offload, disk_offload
+
+    original = hooks.set_module_tensor_to_device
+
+    def through_link(module, name, device, value=None, *args, **kwargs):
+        key = (id(module), name)
+        if str(device) == "meta":
+            buffers.give_back(key)
+        elif value is not None:
+            src = value.contiguous()
+            buf = buffers.take(key, src.numel() * src.element_size())
+            link.copy(buf, src.view(-1).view(torch.uint8))
+            value = buf.view(src.dtype).view(src.shape)
+        return original(module, name, device, value, *args, **kwargs)
+
+    hooks.set_module_tensor_to_device = through_link
+
+
+def matched_device_map(model: torch.nn.Module, tier: str, device: torch.device) -> tuple[dict[str, Any], set[str]]:
+    """``({module: device}, streamed modules)``: the ring's resident modules on ``device``, the modules holding
+    its sections (:func:`system.inference.sections.section_index`) on ``tier`` (``"cpu"`` or ``"disk"``)."""
+    from system.inference.sections import section_index
+
+    placed: dict[str, bool] = {}
+    for name, _ in model.named_parameters():
+        module, streamed = name.rpartition(".")[0], section_index(name) is not None
+        if placed.setdefault(module, streamed) != streamed:
+            raise ValueError(f"module {module} holds streamed and resident weights: no device_map matches the ring")
+    streamed = {m for m, s in placed.items() if s}
+    return {m: tier if m in streamed else str(device) for m in placed}, streamed
+
+
+def accelerate_model(peer: str, spec: dict, link):
+    """``MoETransformer`` under Accelerate for ``peer``, every loaded weight fed through ``link``."""
+    from accelerate import cpu_offload, disk_offload, dispatch_model
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from system.inference import load_job_config
     from system.models import MoETransformer
     from system.models.model import precompute_rope
 
-    original = hooks.set_module_tensor_to_device
-
-    def through_link(module, name, device, value=None, *a, **kw):
-        if value is not None and str(device) != "meta":
-            moved = torch.empty(value.shape, dtype=value.dtype, device=device)
-            link.copy(moved.view(-1).view(torch.uint8), value.contiguous().view(-1).view(torch.uint8))
-            value = moved
-        return original(module, name, device, value, *a, **kw)
-
-    hooks.set_module_tensor_to_device = through_link
+    device = torch.device(spec["device"])
+    route_accelerate_through(link, DeviceBuffers(device, reuse=not peer.endswith("_fresh")))
+    kind = peer.removesuffix("_fresh")
     job = load_job_config(spec["ckpt"])
     with torch.device("meta"):
         model = MoETransformer(job.model, job.moe)
-    cfg = job.model
-    device = torch.device(spec["device"])
-    model.rope = precompute_rope(cfg).to(device)
-    if spec["peer"] == "acc_cpu":
-        state = load_file(str(Path(spec["ckpt"]) / "model.safetensors"))
-        cpu_offload(model, execution_device=device, state_dict=state, preload_module_classes=["TopKRouter"])
+    model.rope = precompute_rope(job.model).to(device)
+    file = str(Path(spec["ckpt"]) / "model.safetensors")
+    if kind == "acc_cpu":
+        cpu_offload(model, execution_device=device, state_dict=load_file(file), preload_module_classes=PRELOAD)
+    elif kind == "acc_disk":
+        disk_offload(model, spec["acc_dir"], execution_device=device, preload_module_classes=PRELOAD)
     else:
-        disk_offload(model, spec["acc_dir"], execution_device=device, preload_module_classes=["TopKRouter"])
+        tier = "cpu" if kind == "acc_cpu_matched" else "disk"
+        device_map, offloaded = matched_device_map(model, tier, device)
+        resident = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] not in offloaded]
+        streamed = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in offloaded]
+        with safe_open(file, framework="pt") as f:  # what load_checkpoint_in_model does for on-device modules
+            for name in resident:
+                set_module_tensor_to_device(model, name, device, value=f.get_tensor(name))
+            state = {name: f.get_tensor(name) for name in streamed} if tier == "cpu" else None
+        if device.type == "cpu" and tier == "cpu":
+            # dispatch_model runs "cpu" modules in place when the main device is the CPU (nothing to move);
+            # attach the hooks it attaches for an accelerator main device: offload the "cpu" modules.
+            from accelerate.hooks import attach_align_device_hook_on_blocks
+            from accelerate.utils import OffloadedWeightsLoader
+
+            attach_align_device_hook_on_blocks(
+                model, execution_device={**{k: device for k in device_map}, "": device},
+                offload={k: k in offloaded for k in device_map},
+                weights_map=OffloadedWeightsLoader(state_dict=state), preload_module_classes=PRELOAD)
+        else:
+            dispatch_model(model, device_map, main_device=str(device), state_dict=state, offload_dir=spec["acc_dir"],
+                           preload_module_classes=PRELOAD)
     return model.eval()
 
 
-def run_worker(spec: dict) -> dict:
-    """Load one peer, warm up, time one generation; return the measurements."""
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    from system.inference import Link, OffloadEngine, Sampler, SamplingConfig, generate_batch
+class StepClock:
+    """A sampler that reads the clock after each call (after a device sync): the end of every forward pass."""
 
-    peer, device = spec["peer"], torch.device(spec["device"])
-    if peer.startswith("acc_"):
-        import accelerate  # noqa: F401  (imported before the baseline is taken)
-    importlib.import_module("torch._dynamo")  # imported lazily by meta-device module init: ~60 MB of objects
-    torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool
-    baseline = _status_kib("RssAnon") * 1024  # the process without the model: Python, torch, libraries
-    sampler_mem = AnonSampler()
-    gen = torch.Generator().manual_seed(1234)
-    prompts = torch.randint(0, 256, (spec["batch"], spec["prompt_len"]), generator=gen).tolist()
-    seq = spec["prompt_len"] + spec["new_tokens"]
-    sampler = Sampler(SamplingConfig("greedy"), vocab_limit=257, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    link = Link(spec["link"] if device.type == "cpu" else None)
-    engine = None
-    t0 = time.perf_counter()
-    if peer.startswith("acc_"):
-        model = _accelerate_model(spec, link)
+    def __init__(self, sampler, sync):
+        self.sampler, self.sync, self.stamps = sampler, sync, []
 
-        def generate(n: int):
-            before = link.bytes_moved
-            out, stats = generate_batch(model, prompts, n, sampler, sync=sync)
-            stats.bytes_streamed = link.bytes_moved - before
-            return out, stats
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        out = self.sampler(logits)
+        if self.sync is not None:
+            self.sync()
+        self.stamps.append(time.perf_counter())
+        return out
 
-    else:
-        mode, slots = ("none", 1) if peer == "resident" else ("ring", int(peer[4:]))
-        engine = OffloadEngine(spec["ckpt"], offload=mode, slots=slots, device=spec["device"],
-                               device_memory=spec["budget"] if mode == "ring" else None,
-                               max_batch_size=spec["batch"], max_seq_len=seq, link_bandwidth=spec["link"])
-        link = engine.link
 
-        def generate(n: int):
-            return engine.generate_ids(prompts, n, sampler)
+class Worker:
+    """One peer in its own process: load and warm up once, then :meth:`run` a timed generation per request."""
 
-    load_s = time.perf_counter() - t0
-    generate(2)  # warm-up: page in the checkpoint, start threads, size the allocator
-    bytes0, busy0 = link.bytes_moved, link.busy_s  # the CPU link of every peer (the ring's copier uses it too)
-    out, stats = generate(spec["new_tokens"])
-    if device.type == "cpu":  # bandwidth of the timed generation only (the warm-up pays page faults)
-        busy = link.busy_s - busy0
-        bandwidth = (link.bytes_moved - bytes0) / busy if busy > 0 else 0.0
-    else:
-        bandwidth = engine.measured_bandwidth if engine is not None else 0.0
-    peak = sampler_mem.stop()
-    decode_steps = stats.forward_passes - 1
-    result = {
-        "peer": peer, "batch": spec["batch"], "link": spec["link"], "load_s": load_s,
-        "decode_tokens_per_s": stats.decode_tokens_per_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
-        "decode_steps": decode_steps, "bytes_per_step": stats.bytes_streamed / max(stats.forward_passes, 1),
-        "measured_bandwidth": bandwidth, "peak_rss_anon_bytes": peak, "baseline_rss_anon_bytes": baseline,
-        "vm_hwm_bytes": _status_kib("VmHWM") * 1024, "tokens": out[0],
-    }
-    if engine is not None:
-        result["plan"] = engine.plan.describe()
-        result["plan_total_bytes"] = engine.plan.total_bytes
-        engine.close()
-    return result
+    def __init__(self, spec: dict):
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        from system.inference import Link, OffloadEngine, Sampler, SamplingConfig
+
+        self.spec, peer = spec, spec["peer"]
+        self.device = torch.device(spec["device"])
+        torch.ones(256, 256) @ torch.ones(256, 256)  # start the intra-op thread pool before the baseline
+        self.baseline = _status_kib("RssAnon") * 1024  # the process without the model
+        self.mem = AnonSampler()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        gen = torch.Generator().manual_seed(1234)
+        self.prompts = torch.randint(0, 256, (spec["batch"], spec["prompt_len"]), generator=gen).tolist()
+        self.sampler = Sampler(SamplingConfig("greedy"), vocab_limit=257, device=self.device)
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        self.engine = None
+        t0 = time.perf_counter()
+        if peer.startswith("acc_"):
+            self.link = Link(spec["link"] if self.device.type == "cpu" else None)
+            self.model = accelerate_model(peer, spec, self.link)
+        else:
+            mode, slots = ("none", 1) if peer == "resident" else ("ring", int(peer[4:]))
+            self.engine = OffloadEngine(
+                spec["ckpt"], offload=mode, slots=slots, device=spec["device"],
+                device_memory=spec["budget"] if mode == "ring" else None, max_batch_size=spec["batch"],
+                max_seq_len=spec["prompt_len"] + max(spec["new_tokens"], spec["warmup_tokens"]),
+                link_bandwidth=spec["link"])
+            self.link = self.engine.link
+        self.load_s = time.perf_counter() - t0
+        # warm-up, once, the same for every peer: pages in the weights, starts the ring, fills Accelerate's pool
+        self._generate(spec["warmup_tokens"], self.sampler)
+        self.mem.active.clear()
+
+    def _generate(self, n: int, sampler):
+        from system.inference import generate_batch
+
+        if self.engine is not None:
+            return self.engine.generate_ids(self.prompts, n, sampler)
+        before = self.link.bytes_moved
+        out, stats = generate_batch(self.model, self.prompts, n, sampler, sync=self.sync)
+        stats.bytes_streamed = self.link.bytes_moved - before
+        return out, stats
+
+    def run(self) -> dict:
+        """One timed generation: its per-step times, bytes, link bandwidth, memory."""
+        self.mem.active.set()
+        bytes0, busy0 = self.link.bytes_moved, self.link.busy_s
+        clock = StepClock(self.sampler, self.sync)
+        out, stats = self._generate(self.spec["new_tokens"], clock)
+        moved, busy = self.link.bytes_moved - bytes0, self.link.busy_s - busy0
+        steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]  # decode steps (the first stamp ends prefill)
+        if self.device.type == "cuda":
+            device_peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            device_peak = self.mem.read() - self.baseline
+        self.mem.active.clear()
+        return {
+            "tokens": out, "step_s": steps, "median_step_s": median(steps),
+            "tokens_per_s": self.spec["batch"] / median(steps), "mean_decode_tokens_per_s": stats.decode_tokens_per_s,
+            "prefill_s": stats.prefill_s, "forward_passes": stats.forward_passes,
+            "bytes_per_step": stats.bytes_streamed / max(stats.forward_passes, 1),
+            "measured_bandwidth": moved / busy if busy > 0 else 0.0,
+            "device_peak_bytes": device_peak, "baseline_rss_anon_bytes": self.baseline,
+            "vm_hwm_bytes": _status_kib("VmHWM") * 1024, "load_s": self.load_s,
+            "plan": self.engine.plan.describe() if self.engine is not None and self.engine.mode == "ring" else None,
+        }
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _worker_entry(conn, spec: dict) -> None:
+    """Process body: load, say ready, then serve ``"run"`` requests until ``"close"``."""
+    worker = None
+    try:
+        worker = Worker(spec)
+        conn.send(("ready", None))
+        while conn.recv() == "run":
+            conn.send(("result", worker.run()))
+    except BaseException:  # noqa: BLE001 - reported to the driver, which aborts the run
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        if worker is not None:
+            worker.close()
+        conn.close()
+
+
+class PeerProcess:
+    """The driver's handle on one worker process."""
+
+    def __init__(self, ctx, spec: dict):
+        self.peer = spec["peer"]
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_entry, args=(child, spec), name=f"offload-{self.peer}", daemon=True)
+        self.proc.start()
+        child.close()
+        self._reply("ready")
+
+    def _reply(self, kind: str) -> Any:
+        try:
+            got, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"worker {self.peer} died (exit code {self.proc.exitcode})") from None
+        if got != kind:
+            raise RuntimeError(f"worker {self.peer} failed:\n{payload}")
+        return payload
+
+    def run(self) -> dict:
+        self.conn.send("run")
+        return self._reply("result")
+
+    def close(self) -> None:
+        try:
+            self.conn.send("close")
+        except OSError:
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+def worker_context(args: argparse.Namespace):
+    """Processes for the workers: on CPU forked from a server that imported torch and Accelerate once (cheap
+    starts); on CUDA spawned (a CUDA context does not survive a fork)."""
+    if args.malloc_cache:  # read by glibc when a process starts: set before the server / workers start
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 40)
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = str(1 << 40)
+    if args.device == "cuda":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # torch._refs / torch._dynamo: imported lazily by the first module built on the meta device (seconds)
+    ctx.set_forkserver_preload(["__main__", "torch", "torch._refs", "torch._dynamo", "accelerate", "safetensors.torch",
+                                "system.inference"])
+    return ctx
 
 
 # ---------------------------------------------------------------------------------------------
 # the driver
 
 
-def _parse_link(text: str) -> float | None:
-    return None if text.strip().lower() in ("none", "0", "") else float(text)
-
-
-def auto_budget(args: argparse.Namespace, ckpt: Path, batch: int) -> int:
-    """The K=3 ring plan of the largest batch, + 10%."""
-    from system.inference import OffloadEngine
-
-    seq = args.prompt_len + args.new_tokens
-    with OffloadEngine(ckpt, offload="ring", slots=3, max_batch_size=batch, max_seq_len=seq) as eng:
-        return int(eng.plan.total_bytes * 1.1)
-
-
-def run_subprocess(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['peer']} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)][-1]
-    return json.loads(line[len(RESULT_PREFIX):])
+def run_cell(ctx, args: argparse.Namespace, base_spec: dict, batch: int, link: float | None) -> dict[str, list[dict]]:
+    """Start every peer for (batch, link), run the rotated repeats, check the tokens agree; samples per peer."""
+    peers = args.peer_list
+    procs: dict[str, PeerProcess] = {}
+    samples: dict[str, list[dict]] = {p: [] for p in peers}
+    try:
+        for peer in peers:  # one at a time: load times are not disturbed by a neighbour's load
+            procs[peer] = PeerProcess(ctx, {**base_spec, "peer": peer, "batch": batch, "link": link})
+            logger.info("B=%d %s: %s loaded", batch, link_name(link), peer)
+        for rep in range(args.repeats):
+            for peer in rotated(peers, rep):
+                r = procs[peer].run()
+                r["repeat"] = rep
+                samples[peer].append(r)
+                logger.info("rep %d B=%d %-11s %-22s %8.2f tok/s  %s/step", rep, batch, link_name(link), peer,
+                            r["tokens_per_s"], format_bytes(r["bytes_per_step"]))
+            tokens = {p: torch.tensor(samples[p][-1]["tokens"]) for p in peers}
+            check_agreement(f"greedy tokens, B={batch}, {link_name(link)}, repeat {rep}", tokens, rtol=0.0, atol=0.0)
+    finally:
+        for proc in procs.values():
+            proc.close()
+    return samples
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        print(RESULT_PREFIX + json.dumps(run_worker(json.loads(args.worker))), flush=True)
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    peers = [p for p in args.peers.split(",") if p]
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        raise SystemExit(f"unknown peers {sorted(unknown)}; choose from {PEERS}")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    links = [_parse_link(x) for x in args.links.split(",")] if args.device == "cpu" else [None]
+    setup_logging()
     root = ensure_model(args)
     ckpt = root / "model"
     model_bytes = (ckpt / "model.safetensors").stat().st_size
-    budget = auto_budget(args, ckpt, max(batches)) if args.device_memory == "auto" else args.device_memory
-    logger.info("model %s, ring budget %s", format_bytes(model_bytes), budget)
-    samples: list[dict] = []
-    for rep in range(args.repeats):
-        for batch in batches:
-            for link in links:
-                for peer in peers:
-                    if peer == "resident" and link != links[0]:
-                        continue  # the resident peer streams nothing: one run per batch size
-                    spec = {"peer": peer, "batch": batch, "link": link, "ckpt": str(ckpt), "acc_dir": str(root / "accelerate"),
-                            "device": args.device, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                            "budget": budget, "threads": args.threads}
-                    r = run_subprocess(spec)
-                    r["repeat"] = rep
-                    samples.append(r)
-                    logger.info("rep %d B=%d link=%s %-8s %8.2f tok/s  %s/step", rep, batch, link, peer,
-                                r["decode_tokens_per_s"], format_bytes(r["bytes_per_step"]))
-    result = summarize_results(args, samples, peers, batches, links, budget, model_bytes)
+    budget = device_budget(args.device_memory, model_bytes)
+    logger.info("model %s, ring budget %s (%s)", format_bytes(model_bytes), format_bytes(budget), args.device_memory)
+    base = {"ckpt": str(ckpt), "acc_dir": str(root / "accelerate"), "device": args.device, "budget": budget,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "warmup_tokens": args.warmup_tokens,
+            "threads": args.threads}
+    ctx = worker_context(args)
+    t0 = time.perf_counter()
+    cells = []
+    try:
+        for batch in args.batch_list:
+            for link in args.link_list:
+                cells.append({"batch": batch, "link": link, "samples": run_cell(ctx, args, base, batch, link)})
+    except NumericalDisagreement as e:
+        raise SystemExit(f"offload benchmark aborted: {e}") from None
+    result = summarize_results(args, cells, budget, model_bytes, time.perf_counter() - t0)
     stem = f"offload_{args.device}{'_smoke' if args.smoke else ''}{args.tag}"
     out = Path(args.out)
     write_json(out / f"{stem}.json", result)
-    write_text(out / f"{stem}.md", render_markdown(result))
-    print(render_markdown(result))
+    md = render_markdown(result)
+    write_text(out / f"{stem}.md", md)
+    print(md)
 
 
-def summarize_results(args, samples, peers, batches, links, budget, model_bytes) -> dict[str, Any]:
-    """Medians per (batch, link, peer), eta, ratios, goals."""
-    rows = []
-    for batch in batches:
-        res = [s for s in samples if s["peer"] == "resident" and s["batch"] == batch]
-        res_step = batch / median(s["decode_tokens_per_s"] for s in res) if res else None
-        ref_tokens = res[0]["tokens"] if res else None
-        for link in links:
-            by_peer = {}
-            for peer in peers:
-                ss = [s for s in samples if s["peer"] == peer and s["batch"] == batch
-                      and (s["link"] == link or peer == "resident")]
-                if not ss:
-                    continue
-                tps = median(s["decode_tokens_per_s"] for s in ss)
-                bps = median(s["bytes_per_step"] for s in ss)
-                bw = median(s["measured_bandwidth"] for s in ss)
-                eta = None
-                if res_step and peer != "resident" and bw > 0:
-                    eta = tps / (batch / max(bps / bw, res_step))
-                by_peer[peer] = {
-                    "tokens_per_s": summarize([s["decode_tokens_per_s"] for s in ss]), "bytes_per_step": bps,
-                    "measured_bandwidth": bw, "eta": eta, "prefill_s": median(s["prefill_s"] for s in ss),
-                    "peak_rss_anon_bytes": max(s["peak_rss_anon_bytes"] for s in ss),
-                    "model_rss_anon_bytes": max(s["peak_rss_anon_bytes"] - s["baseline_rss_anon_bytes"] for s in ss),
-                    "vm_hwm_bytes": max(s["vm_hwm_bytes"] for s in ss),
-                    "same_tokens_as_resident": all(s["tokens"] == ref_tokens for s in ss) if ref_tokens else None,
-                    "plan_total_bytes": ss[0].get("plan_total_bytes"),
-                }
-            rows.append({"batch": batch, "link": link, "peers": by_peer})
-    goals = []
-    budget_bytes = None
-    if budget is not None:
-        from system.inference import parse_bytes
+# ---------------------------------------------------------------------------------------------
+# statistics and goals
 
-        budget_bytes = parse_bytes(budget)
-    for row in rows:
-        p = row["peers"]
-        ring2 = p.get("ring2")
-        if ring2 is None:
+
+def _eta_inputs(cell: dict, peer: str) -> tuple[list[float], list[float]]:
+    """Per repeat: (achieved tokens/s, bound tokens/s) of ``peer``, the bound from the same repeat's resident step."""
+    res, ss = cell["samples"]["resident"], cell["samples"][peer]
+    achieved, bound = [], []
+    for s, r in zip(ss, res):
+        if s["measured_bandwidth"] <= 0:
             continue
-        tps = ring2["tokens_per_s"]["median"]
-        if row["link"] is not None and ring2["eta"] is not None:
-            goals.append({"goal": "eta >= 0.9 at K=2", "batch": row["batch"], "link": row["link"],
-                          "value": ring2["eta"], "met": ring2["eta"] >= 0.9})
-        if "acc_cpu" in p:
-            ratio = tps / p["acc_cpu"]["tokens_per_s"]["median"]
-            goals.append({"goal": ">= 1.4x acc_cpu tokens/s (same link)", "batch": row["batch"], "link": row["link"],
-                          "value": ratio, "met": ratio >= 1.4})
-        if row["link"] is None and "acc_disk" in p:
-            ratio = tps / p["acc_disk"]["tokens_per_s"]["median"]
-            goals.append({"goal": ">= 3x acc_disk tokens/s (unthrottled)", "batch": row["batch"], "link": None,
-                          "value": ratio, "met": ratio >= 3.0})
-        if budget_bytes:
-            goals.append({"goal": "ring2 peak anon memory (minus baseline) within the budget", "batch": row["batch"],
-                          "link": row["link"], "value": ring2["model_rss_anon_bytes"],
-                          "met": ring2["model_rss_anon_bytes"] <= budget_bytes})
+        achieved.append(s["tokens_per_s"])
+        bound.append(cell["batch"] / max(s["bytes_per_step"] / s["measured_bandwidth"], r["median_step_s"]))
+    return achieved, bound
+
+
+def summarize_results(args, cells, budget, model_bytes, wall_s) -> dict[str, Any]:
+    """Per cell and peer: summaries; ring2's goals; paired speedups of ring2 over every peer."""
+    goals, out_cells = [], []
+    for cell in cells:
+        batch, link, samples = cell["batch"], cell["link"], cell["samples"]
+        where = f"B={batch}, {link_name(link)}"
+        peers = {}
+        for peer, ss in samples.items():
+            entry = {
+                "tokens_per_s": summarize([s["tokens_per_s"] for s in ss]),
+                "mean_decode_tokens_per_s": summarize([s["mean_decode_tokens_per_s"] for s in ss]),
+                "median_step_s": summarize([s["median_step_s"] for s in ss]),
+                "prefill_s": median(s["prefill_s"] for s in ss),
+                "bytes_per_step": median(s["bytes_per_step"] for s in ss),
+                "measured_bandwidth": median(s["measured_bandwidth"] for s in ss),
+                "device_peak_bytes": max(s["device_peak_bytes"] for s in ss),
+                "vm_hwm_bytes": max(s["vm_hwm_bytes"] for s in ss), "load_s": ss[0]["load_s"], "plan": ss[0]["plan"],
+            }
+            if peer != "resident":
+                entry["eta"] = paired_ratio_summary(*_eta_inputs(cell, peer))
+            peers[peer] = entry
+        speedups = {}
+        if SUBJECT in samples:
+            mine = [s["tokens_per_s"] for s in samples[SUBJECT]]
+            for peer, ss in samples.items():
+                if peer != SUBJECT:
+                    speedups[peer] = paired_ratio_summary(mine, [s["tokens_per_s"] for s in ss])
+            if link is not None:
+                g = efficiency_goal(f"{SUBJECT} efficiency eta", *_eta_inputs(cell, SUBJECT), args.goal_eta)
+                goals.append({**g, "cell": where})
+            for peer in samples:
+                base = peer.removesuffix("_fresh").removesuffix("_matched")
+                if base == "acc_cpu" or (base == "acc_disk" and link is None):
+                    goal = args.goal_speedup_vs_acc_cpu if base == "acc_cpu" else args.goal_speedup_vs_acc_disk
+                    g = ratio_goal(f"{SUBJECT} tokens/s over {peer}", mine, [s["tokens_per_s"] for s in samples[peer]],
+                                   goal)
+                    goals.append({**g, "cell": where})
+            mem = [s["device_peak_bytes"] for s in samples[SUBJECT]]
+            g = ratio_goal(f"{SUBJECT} peak device memory over the budget", mem, [budget] * len(mem), args.goal_memory,
+                           higher_is_better=False)
+            goals.append({**g, "cell": where})
+        out_cells.append({"batch": batch, "link": link, "peers": peers, "speedup_of_ring2": speedups})
     return {
-        "benchmark": "offload", "smoke": args.smoke, "config": {k: v for k, v in vars(args).items() if k != "worker"},
-        "model_bytes": model_bytes, "ring_budget": budget, "rows": rows, "goals": goals, "samples": samples,
-        "host": host_info(), "versions": package_versions(["torch", "accelerate", "safetensors", "numpy"]),
+        "benchmark": "offload", "smoke": args.smoke, "provenance": provenance(),
+        "config": {k: v for k, v in vars(args).items()}, "model_bytes": model_bytes, "device_budget_bytes": budget,
+        "wall_s": wall_s, "cells": out_cells, "goals": goals,
+        "samples": [{"batch": c["batch"], "link": c["link"], "peer": p, **s}
+                    for c in cells for p, ss in c["samples"].items() for s in ss],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown
+
+
+def _ci(r: dict, spec: str = ".2f") -> str:
+    if not r or not r.get("n"):
+        return "n/a"
+    return f"{r['median']:{spec}} [{r['ci_low']:{spec}}, {r['ci_high']:{spec}}]"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
+    budget = format_bytes(result["device_budget_bytes"])
     lines = [
-        f"# Offloaded inference ({cfg['device']}{', smoke' if result['smoke'] else ''})\n",
-        f"Model {format_bytes(result['model_bytes'])}: d={cfg['dim']}, {cfg['layers']} layers, {cfg['experts']} experts "
-        f"top-{cfg['top_k']}, expert dim {cfg['expert_dim']}, fp32; prompts {cfg['prompt_len']} tokens, "
-        f"{cfg['new_tokens']} new tokens (greedy, KV cache); ring budget {result['ring_budget']}; "
-        f"{cfg['repeats']} repeats, medians. tokens/s are decode tokens/s.\n",
+        f"# Offloaded inference: ring vs Accelerate ({cfg['device']}{', smoke' if result['smoke'] else ''})\n",
+        provenance_markdown(result["provenance"]),
+        f"Model {format_bytes(result['model_bytes'])}: d={cfg['dim']}, {cfg['layers']} MoE blocks, {cfg['experts']} "
+        f"experts top-{cfg['top_k']}, expert dim {cfg['expert_dim']}, fp32; prompts {cfg['prompt_len']} tokens; one "
+        f"warm-up generation of {cfg['warmup_tokens']} tokens per worker, then per repeat a timed one of "
+        f"{cfg['new_tokens']} tokens ({cfg['new_tokens'] - 1} decode steps), greedy, KV cache; ring budget {budget} "
+        f"(`--device-memory {cfg['device_memory']}`); {cfg['repeats']} repeats, peer order rotated per repeat; "
+        f"{cfg['threads'] or 'default'} intra-op thread(s) per worker"
+        + ("; glibc malloc thresholds raised in every worker" if cfg["malloc_cache"] else "") + ".\n",
+        "Accelerate's weights go into reused buffers (a caching allocator's behaviour), `_fresh` peers into a fresh "
+        "tensor per weight per forward. tokens/s = B / median decode-step time of a repeat; the table gives the "
+        "median over repeats [min, max]. eta and speedups: median of per-repeat paired ratios [95% bootstrap "
+        "interval]. Every peer's tokens equal the resident peer's in every repeat (checked; a difference aborts "
+        "the run).\n",
     ]
-    headers = ["B", "link", "peer", "tokens/s", "prefill s", "bytes/step", "measured bw", "eta",
-               "peak anon (model)", "VmHWM", "same tokens"]
-    table = []
-    for row in result["rows"]:
-        link = "unthrottled" if row["link"] is None else f"{row['link'] / 1e9:g} GB/s"
-        for peer, p in row["peers"].items():
-            table.append([row["batch"], link, peer, f"{p['tokens_per_s']['median']:.2f}", f"{p['prefill_s']:.3f}",
-                          format_bytes(p["bytes_per_step"]), f"{p['measured_bandwidth'] / 1e9:.2f} GB/s",
-                          "" if p["eta"] is None else f"{p['eta']:.2f}", format_bytes(p["model_rss_anon_bytes"]),
-                          format_bytes(p["vm_hwm_bytes"]), p["same_tokens_as_resident"]])
-    lines.append(markdown_table(headers, table))
+    for cell in result["cells"]:
+        lines.append(f"## B = {cell['batch']}, link {link_name(cell['link'])}\n")
+        rows = []
+        for peer, p in cell["peers"].items():
+            t = p["tokens_per_s"]
+            sp = cell["speedup_of_ring2"].get(peer)
+            rows.append([peer, f"{t['median']:.2f} [{t['min']:.2f}, {t['max']:.2f}]",
+                         f"{p['mean_decode_tokens_per_s']['median']:.2f}", f"{p['prefill_s']:.3f}",
+                         format_bytes(p["bytes_per_step"]), f"{p['measured_bandwidth'] / 1e9:.2f} GB/s",
+                         _ci(p.get("eta")), _ci(sp), format_bytes(p["device_peak_bytes"]), f"{p['load_s']:.1f}"])
+        lines.append(markdown_table(["peer", "tokens/s", "mean decode tok/s", "prefill s", "bytes/step", "link bw",
+                                     "eta", "ring2 speedup", "peak device mem", "load s"], rows))
     lines.append("\n## Goals\n")
     lines.append(markdown_table(
-        ["goal", "B", "link", "value", "met"],
-        [[g["goal"], g["batch"], "unthrottled" if g["link"] is None else f"{g['link'] / 1e9:g} GB/s",
-          format_bytes(g["value"]) if "memory" in g["goal"] else f"{g['value']:.2f}", "met" if g["met"] else "NOT met"]
-         for g in result["goals"]]))
+        ["goal", "cell", "target", "median", "95% interval", "verdict"],
+        [[g["name"], g["cell"], f"{g['direction']} {g['goal']:g}", f"{g['median']:.3f}",
+          f"[{g['ci_low']:.3f}, {g['ci_high']:.3f}]", g["verdict"]] for g in result["goals"]]))
+    notes = [f"- {g['name']} ({g['cell']}): {g['note']}" for g in result["goals"] if g.get("note")]
+    lines += ["", *notes, ""] if notes else [""]
     return "\n".join(lines)
 
 

@@ -454,16 +454,3 @@ def test_cli_generate(ckpts, tmp_path: Path, capsys) -> None:
     rc = cli_main(["generate", "--checkpoint", str(ck), "--prompt", "x", "--slots", "0", "--offload", "ring"])
     assert rc == 2 and "slots (K) = 0" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-def test_offload_benchmark_smoke(tmp_path: Path) -> None:
-    """``benchmarks/offload.py --smoke`` runs every peer on both links and writes a table (slow: ~12 processes)."""
-    cmd = [sys.executable, "benchmarks/offload.py", "--smoke", "--out", str(tmp_path), "--model-dir", str(tmp_path / "m")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "offload_cpu_smoke.json").read_text())
-    assert (tmp_path / "offload_cpu_smoke.md").exists()
-    for row in result["rows"]:
-        assert set(row["peers"]) == {"resident", "acc_disk", "acc_cpu", "ring1", "ring2", "ring3"}
-        for peer in row["peers"].values():
-            assert peer["tokens_per_s"]["median"] > 0 and peer["same_tokens_as_resident"]
