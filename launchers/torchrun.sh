@@ -124,7 +124,10 @@ else
         --max-restarts "${MAX_RESTARTS}"
     )
 fi
-if [[ "${SHUTDOWN_TIMEOUT}" -gt 0 ]]; then
+# torch 2.11's torchrun has no --shutdown-timeout (it keeps a built-in 30 s grace): left out when the
+# interpreter runs and its torchrun lacks the option.
+torchrun_help="$("${PYTHON}" -m torch.distributed.run --help 2>/dev/null)" || torchrun_help="--shutdown-timeout"
+if [[ "${SHUTDOWN_TIMEOUT}" -gt 0 && "${torchrun_help}" == *--shutdown-timeout* ]]; then
     args+=(--shutdown-timeout "${SHUTDOWN_TIMEOUT}")
 fi
 args+=(-m system.train.main --config "${CONFIG}" "$@")

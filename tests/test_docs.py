@@ -27,6 +27,7 @@ import typing
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -228,8 +229,9 @@ def test_dockerfile_pins_versions_and_runs_unprivileged() -> None:
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     torch_req = next(d for d in pyproject["project"]["dependencies"] if re.match(r"torch\b", d))
-    minor = re.search(r">=\s*(\d+\.\d+)", torch_req).group(1)
-    assert tag.startswith(minor + "."), f"base image {image} does not carry torch {minor} ({torch_req})"
+    torch_spec = SpecifierSet(torch_req[len("torch"):].strip())
+    image_torch = re.match(r"(\d+\.\d+\.\d+)", tag)
+    assert image_torch and image_torch.group(1) in torch_spec, f"base image {image} carries no torch in {torch_req}"
 
     users = [a for k, a in instructions if k == "USER"]
     assert users, "the image must switch to a non-root USER"
@@ -256,7 +258,7 @@ def test_dockerfile_pins_versions_and_runs_unprivileged() -> None:
     for dep in pyproject["project"]["dependencies"]:
         name = _canonical(re.match(r"[A-Za-z0-9._-]+", dep).group(0))
         assert name in pins, f"runtime dependency {name} is not pinned in docker/constraints.txt"
-    assert pins["torch"].startswith(minor + "."), pins["torch"]
+    assert pins["torch"] in torch_spec and pins["torch"] == image_torch.group(1), (pins["torch"], image)
     assert pins.get("ray") == args.get("RAY_VERSION"), "RAY_VERSION and the ray pin in docker/constraints.txt differ"
 
     ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()

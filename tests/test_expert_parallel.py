@@ -21,6 +21,10 @@ from ep_scenarios import (
 from _dist import run_workers
 
 RTOL, ATOL = 1e-5, 1e-6
+# Updated parameters: AdamW's first steps move each element by about lr * sign(g), so an element whose
+# gradient is ~0 in both runs can move either way on float noise; the CPU kernels of torch 2.11 and
+# 2.13 sum in different orders, which puts the tensor-wise error between 1e-5 and 3e-5.
+PARAM_RTOL = 5e-5
 
 
 def _full_grads(model, mesh) -> dict[str, torch.Tensor]:
@@ -124,10 +128,10 @@ def test_matches_single_process(name: str, distributed_results) -> None:
     for key, g in ref["grads"].items():
         torch.testing.assert_close(first["grads"][key], g, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad {key}: {m}")
     # After several AdamW steps, elements whose gradient is ~0 amplify float noise (m / sqrt(v));
-    # compare updated parameters tensor-wise: ||p - p_ref|| <= 1e-5 ||p_ref||.
+    # compare updated parameters tensor-wise: ||p - p_ref|| <= PARAM_RTOL ||p_ref||.
     for key, p in ref["params"].items():
         err = (first["params"][key].double() - p.double()).norm() / p.double().norm().clamp_min(1e-12)
-        assert err <= RTOL, f"param {key}: relative error {err:.3g}"
+        assert err <= PARAM_RTOL, f"param {key}: relative error {err:.3g}"
     # every rank holds the same consolidated view
     for other in ranks[1:]:
         for key, p in first["params"].items():

@@ -7,6 +7,7 @@ torchrun assigns node ranks itself, so ``--node-rank`` is never passed.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import signal
@@ -23,6 +24,17 @@ from system.train.lifecycle import SHUTDOWN_GRACE_S
 DISABLE_SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@functools.lru_cache(maxsize=1)
+def torchrun_has_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun takes ``--shutdown-timeout`` (added after torch 2.11).
+
+    An older torchrun waits its built-in grace (30 s) between SIGTERM and SIGKILL to the workers.
+    """
+    from torch.distributed.run import get_args_parser
+
+    return any("--shutdown-timeout" in a.option_strings for a in get_args_parser()._actions)
 
 
 @dataclass
@@ -138,7 +150,7 @@ def build_torchrun_command(spec: LaunchSpec, job_args: list[str]) -> tuple[list[
             "--rdzv-id", spec.rdzv_id,
             "--max-restarts", str(spec.max_restarts),
         ]  # fmt: skip
-    if spec.shutdown_timeout:
+    if spec.shutdown_timeout and torchrun_has_shutdown_timeout():
         argv += ["--shutdown-timeout", str(spec.shutdown_timeout)]
     argv += ["-m", spec.module, *job_args]
     return argv, env
