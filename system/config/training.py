@@ -30,6 +30,14 @@ class TrainingConfig:
     threads_per_rank: int = field(
         default=0, metadata={"help": "torch intra-op threads per rank on CPU; 0: cores / local ranks."}
     )
+    deterministic: bool = field(
+        default=False,
+        metadata={"help": "Bit-reproducible runs (reruns and resumes on the same hardware and software): "
+                  "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, and the MoE combine summed "
+                  "in a fixed order instead of by atomic index_add on CUDA; some kernels get slower. Off: CUDA "
+                  "atomics and multithreaded CPU scatter-adds may change the last bits from run to run "
+                  "(see system.train.determinism)."},
+    )
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the greedy sample printed at the end."})
     sample_tokens: int = field(default=64, metadata={"help": "Tokens of the greedy sample (0 disables it)."})
 

@@ -395,6 +395,7 @@ class OffloadEngine:
 
         Raises:
             PlanError: a batch or a prompt + ``max_new_tokens`` larger than planned.
+            StaleSlotError: the ring computed with a slot that did not hold the expected section.
         """
         batch_size = batch_size or self.plan.batch
         if batch_size > self.plan.batch:
@@ -410,6 +411,8 @@ class OffloadEngine:
             out, stats = generate_batch(self.model, prompts[lo : lo + batch_size], max_new_tokens, sampler,
                                         run_ffn=self.run_ffn, eos_id=eos_id, sync=sync)
             stats.bytes_streamed = self.bytes_streamed - before
+            if isinstance(self.transport, CudaTransport):
+                self.transport.verify()  # the device-side stamp checks of this batch (after its sync)
             outputs.extend(out)
             total.add(stats)
         return outputs, total

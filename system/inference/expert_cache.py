@@ -32,7 +32,7 @@ import torch.nn as nn
 from system.inference.sections import Section, align_up, typed_view
 from system.inference.transport import Link
 from system.moe.experts import autocast_inputs
-from system.moe.layer import MoELayer
+from system.moe.layer import MoELayer, combine_by_token, count_per_expert
 
 ExpertHost = dict[tuple[int, int], list[tuple[torch.Tensor, int, int]]]
 """``(block, expert) -> [(src uint8 [n], offset in the expert slot, n)]`` for each expert tensor (``w1``, ``w2``, ``w3``)."""
@@ -119,14 +119,15 @@ class ExpertCache:
         xf = x.reshape(-1, shape[-1])
         route = moe.router(xf)
         flat = route.indices.flatten()
-        counts = torch.bincount(flat, minlength=moe.num_experts)
+        counts = count_per_expert(flat, moe.num_experts)
         order = torch.argsort(flat, stable=True)
         token_of = order // moe.top_k
         rows, ctx = moe.expert_inputs(xf)
         xs = rows[token_of]
         kind = moe.experts.kind()
         ys = xs.new_empty(xs.shape[0], kind.out_features)
-        sizes = counts.tolist()
+        sizes = counts.tolist()  # the block's one host sync: which experts it needs
+        host_counts = torch.tensor(sizes, dtype=torch.int64)
         starts = [0]
         for n in sizes:
             starts.append(starts[-1] + n)
@@ -137,10 +138,11 @@ class ExpertCache:
             lo, hi = starts[e], starts[e + 1]
             xe, we = autocast_inputs(xs[lo:hi], {name: t[None] for name, t in w.items()})
             with torch.autocast(xe.device.type, enabled=False):
-                ys[lo:hi] = kind.compute(xe, counts[e : e + 1], we)
+                ys[lo:hi] = kind.compute(xe, host_counts[e : e + 1], we)
         weights = route.weights.flatten()[order]
-        acc = torch.zeros(xf.shape[0], ys.shape[-1], dtype=torch.float32, device=xf.device)
-        out = moe.expert_outputs(acc.index_add(0, token_of, ys.float() * weights[:, None]), ctx)
+        acc = combine_by_token(ys.float() * weights[:, None], token_of, order, xf.shape[0], moe.top_k,
+                               moe.deterministic)
+        out = moe.expert_outputs(acc, ctx)
         if moe.shared_experts is not None:
             out = out + moe.shared_output(xf)
         return out.to(x.dtype).view(shape)

@@ -10,8 +10,10 @@ Both implement the protocol the :class:`~system.inference.ring.RingScheduler` dr
   PCIe), and releases the slot's ``ready`` semaphore.
 - :class:`CudaTransport` (GPU): copies from pinned host buffers on a dedicated copy stream that waits
   on the event ``free[s]`` recorded by the compute stream and records ``ready[s]``, which the
-  compute stream waits on: no host synchronisation in the steady state. UNTESTED: no GPU was
-  available where this was written.
+  compute stream waits on: no host synchronisation in the steady state. Its stamp checks are
+  host-side (a protocol error raises :class:`~system.inference.ring.StaleSlotError` at once), with a
+  device-side count of stamp mismatches read at :meth:`CudaTransport.verify` (never a device-side
+  assertion, which would leave the CUDA context unusable). Exercised by ``tests/test_cuda.py``.
 
 ``host`` is the host tier: for each section, a list of ``(src, offset, nbytes)`` copies, ``src`` a
 flat ``uint8`` tensor (a zero-copy view of the mmap'd file on CPU, a pinned buffer on CUDA) and
@@ -21,6 +23,7 @@ flat ``uint8`` tensor (a zero-copy view of the mmap'd file on CPU, a pinned buff
 from __future__ import annotations
 
 import ctypes
+import logging
 import queue
 import threading
 import time
@@ -30,6 +33,8 @@ import torch
 
 from system.inference.ring import EventLog, SlotRing, StaleSlotError
 from system.inference.sections import Section
+
+logger = logging.getLogger(__name__)
 
 HostTier = Sequence[Sequence[tuple[torch.Tensor, int, int]]]
 """Per section: ``(src uint8 [n], slot offset, n)`` copies."""
@@ -41,8 +46,9 @@ class Link:
     On CPU the copy is a single-threaded ``memmove`` (the GIL is released, and no OpenMP team is
     spun up in the copier thread); with ``bandwidth`` it proceeds in ``chunk_bytes`` pieces and
     sleeps so that ``n`` bytes take at least ``n / bandwidth`` seconds (back-to-back copies share one
-    schedule). Copies that involve a GPU use ``Tensor.copy_(non_blocking=True)``: neither throttled nor
-    timed (their :attr:`busy_s` is the enqueue time).
+    schedule). Copies that involve a GPU use ``Tensor.copy_(non_blocking=True)`` on the current stream,
+    not throttled, between two CUDA timing events: their time is the device's (the copy itself, not
+    its enqueue), read when :attr:`busy_s` is asked for.
 
     Args:
         bandwidth: bytes/s; ``None`` or 0: as fast as memory allows.
@@ -50,14 +56,15 @@ class Link:
 
     Attributes:
         bytes_moved: bytes copied so far.
-        busy_s: seconds spent in copies (throttling included).
     """
 
     def __init__(self, bandwidth: float | None = None, chunk_bytes: int = 1 << 20):
         self.bandwidth = bandwidth or None
         self.chunk_bytes = chunk_bytes
         self.bytes_moved = 0
-        self.busy_s = 0.0
+        self._host_s = 0.0  # CPU copies: host time, throttling included
+        self._device_s = 0.0  # GPU copies whose end events have been read
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # GPU copies not read yet
         self._schedule_end = self._last_end = -1.0
         self._lock = threading.Lock()
 
@@ -87,16 +94,39 @@ class Link:
             if self.bandwidth is not None:
                 self._schedule_end = start + n / self.bandwidth
             self._last_end = time.perf_counter()
-        else:
-            dst.copy_(src, non_blocking=True)
+            with self._lock:
+                self.bytes_moved += n
+                self._host_s += time.perf_counter() - t0
+            return
+        device = dst.device if dst.device.type == "cuda" else src.device
+        stream = torch.cuda.current_stream(device)
+        start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start_ev.record(stream)
+        dst.copy_(src, non_blocking=True)
+        end_ev.record(stream)
         with self._lock:
             self.bytes_moved += n
-            self.busy_s += time.perf_counter() - t0
+            self._events.append((start_ev, end_ev))
+            while self._events and self._events[0][1].query():  # fold the finished ones (no sync)
+                done_start, done_end = self._events.pop(0)
+                self._device_s += done_start.elapsed_time(done_end) / 1e3
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds spent in copies: host time of CPU copies (throttling included) plus device time of
+        GPU copies (reading it waits for the GPU copies issued so far to finish)."""
+        with self._lock:
+            while self._events:
+                done_start, done_end = self._events.pop(0)
+                done_end.synchronize()
+                self._device_s += done_start.elapsed_time(done_end) / 1e3
+            return self._host_s + self._device_s
 
     @property
     def measured_bandwidth(self) -> float:
-        """bytes/s over the copies so far (0 before any)."""
-        return self.bytes_moved / self.busy_s if self.busy_s > 0 else 0.0
+        """bytes/s over the copies so far (0 before any; see :attr:`busy_s`)."""
+        busy = self.busy_s
+        return self.bytes_moved / busy if busy > 0 else 0.0
 
 
 class ThreadTransport:
@@ -207,8 +237,15 @@ class CudaTransport:
     (one per section when the host tier is packed), write the stamp, record ``ready[s]``; a load
     requested while the slot is computing is enqueued by the slot's :meth:`release`, right after it
     records ``free[s]`` on the compute stream. ``wait_ready`` makes the compute stream wait
-    ``ready[s]``. The host never blocks. Stamps live on the device and are checked with
-    ``torch._assert_async`` (a device-side assertion, no synchronisation). UNTESTED on a GPU.
+    ``ready[s]``. The host never blocks.
+
+    Stamp checks (:meth:`check_stamp`). The event protocol is decided on the host, so it is checked
+    there, at once and without a sync: the slot's last enqueued load must be the expected ticket (no
+    other load was enqueued into it, before or during the compute) and the compute stream must have
+    waited for that load's ``ready`` event; otherwise :class:`~system.inference.ring.StaleSlotError`.
+    The device stamps (written by the copy stream after each load) are compared too, on the compute
+    stream, into a mismatch counter that :meth:`verify` reads (one sync) and :meth:`close` logs: a
+    device-side ``torch._assert_async`` would instead leave the whole CUDA context unusable.
 
     Args:
         device: the CUDA device.
@@ -222,6 +259,7 @@ class CudaTransport:
         self.timing = timing
         self._bytes = 0
         self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+        self._stale: torch.Tensor | None = None  # set by start()
 
     def start(self, ring: SlotRing, host: HostTier) -> None:  # noqa: D102
         self.ring, self.host = ring, host
@@ -230,6 +268,9 @@ class CudaTransport:
         self.ready = [torch.cuda.Event() for _ in range(ring.num_slots)]
         self.free = [torch.cuda.Event() for _ in range(ring.num_slots)]
         self.stamps = torch.zeros(ring.num_slots, dtype=torch.int64, device=self.device)
+        self._stale = torch.zeros((), dtype=torch.int64, device=self.device)  # device stamp mismatches
+        self._enqueued = [0] * ring.num_slots  # ticket of the last load enqueued into each slot
+        self._waited = [0] * ring.num_slots  # ticket whose ready event the compute stream last waited for
         self._busy = [False] * ring.num_slots
         self._deferred: list[list[tuple[int, Section]]] = [[] for _ in range(ring.num_slots)]
 
@@ -262,10 +303,12 @@ class CudaTransport:
                 if len(self._timings) > 1024:  # keep the recent loads only
                     del self._timings[:512]
             self.ready[slot].record(self.copy_stream)
+        self._enqueued[slot] = ticket
         self._bytes += nbytes
 
     def wait_ready(self, slot: int) -> None:  # noqa: D102
         self.compute_stream.wait_event(self.ready[slot])
+        self._waited[slot] = self._enqueued[slot]
         self._busy[slot] = True
 
     def release(self, slot: int) -> None:  # noqa: D102
@@ -275,8 +318,28 @@ class CudaTransport:
         for ticket, section in pending:
             self._enqueue(ticket, section, slot)
 
-    def check_stamp(self, slot: int, ticket: int, where: str) -> None:  # noqa: D102
-        torch._assert_async(self.stamps[slot] == ticket, f"stale ring slot {slot} {where}: expected load {ticket}")
+    def check_stamp(self, slot: int, ticket: int, where: str) -> None:
+        """Raise :class:`StaleSlotError` unless load ``ticket`` is the last one enqueued into ``slot`` and
+        the compute stream waited for it; count a device stamp mismatch for :meth:`verify` (no sync)."""
+        if self._enqueued[slot] != ticket:
+            raise StaleSlotError(f"slot {slot} {where}: expected load {ticket}, found load {self._enqueued[slot]} "
+                                 "enqueued into it")
+        if self._waited[slot] != ticket:
+            raise StaleSlotError(f"slot {slot} {where}: expected load {ticket}, but the compute stream did not "
+                                 "wait for it (wait_ready missing)")
+        self._stale.add_(self.stamps[slot].ne(ticket).to(torch.int64))
+
+    def verify(self) -> None:
+        """Read the device-side stamp checks so far (synchronises).
+
+        Raises:
+            StaleSlotError: some compute saw a slot whose device stamp was not its ticket.
+        """
+        stale = int(self._stale.item())
+        self._stale.zero_()
+        if stale:
+            raise StaleSlotError(f"{stale} ring stamp check(s) found a slot on the device not holding the load "
+                                 "its compute expected")
 
     @property
     def bytes_moved(self) -> int:  # noqa: D102
@@ -291,5 +354,11 @@ class CudaTransport:
         secs = sum(s.elapsed_time(e) for s, e, _ in self._timings) / 1e3
         return sum(n for _, _, n in self._timings) / secs if secs > 0 else 0.0
 
-    def close(self) -> None:  # noqa: D102
+    def close(self) -> None:
+        """Wait for the device; log (not raise: close runs in ``finally``/``__exit__``) a failed device
+        stamp check that :meth:`verify` has not reported."""
         torch.cuda.synchronize(self.device)
+        stale = int(self._stale.item()) if self._stale is not None else 0
+        if stale:
+            logger.error("ring: %d device stamp check(s) failed: a slot was not holding the load its compute "
+                         "expected", stale)

@@ -15,6 +15,29 @@ import torch
 import torch.distributed as dist
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait for the device.
+
+    A host tensor bound for a CUDA device is staged in pinned memory and copied with
+    ``non_blocking=True``: a plain ``.to(device)`` from pageable memory synchronises the stream (the
+    host waits for every kernel queued before it), a cost that small index tensors of the dispatch
+    would pay once per layer per step. The pinned block comes from PyTorch's caching host allocator,
+    which records the copy's stream and does not reuse the block before the copy is done, so ``t``
+    may be dropped at once. Anything else (already there, CPU to CPU, device to host) is ``t.to(device)``.
+
+    Args:
+        t: any tensor.
+        device: the destination.
+
+    Returns:
+        ``t`` on ``device`` (``t`` itself when it is already there).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _AllToAll(torch.autograd.Function):
     """Differentiable ``dist.all_to_all_single`` with uneven splits.
 
@@ -69,8 +92,11 @@ class AllToAllDispatcher:
     ``dispatch`` exchanges the per-expert counts (one small all-to-all), then the token rows; the
     received rows come grouped by (source rank, local expert) and are permuted to (local expert,
     source rank) order so each local expert's rows are contiguous for the grouped matmul.
-    ``combine`` undoes both steps. The split sizes are read to the host (one synchronisation per
-    layer, inherent to uneven all-to-all).
+    ``combine`` undoes both steps. The split sizes are read to the host in one transfer (one
+    synchronisation per layer and step, inherent to uneven all-to-all), together with the received
+    counts, from which the permutation and the local counts are computed on the host: the local
+    counts are returned on the host (the chunked expert kernel reads them there; the grouped matmul
+    uploads its offsets asynchronously).
 
     Args:
         group: the EP process group (``ep`` ranks).
@@ -97,15 +123,18 @@ class AllToAllDispatcher:
 
         Returns:
             ``(x_local [M, d], local_counts [E/ep])``: the rows this rank's experts must process,
-            sorted by local expert.
+            sorted by local expert; ``local_counts`` is a host (CPU) int64 tensor.
         """
         send = counts.view(self.ep, self.num_local)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # recv[s, e]: from rank s for local e
-        in_splits = send.sum(dim=1).tolist()
+        # The one host sync of the layer: rows sent per rank [ep] and received counts [ep, E/ep] together.
+        host = torch.cat([send.sum(dim=1), recv.flatten()]).cpu()
+        in_splits = host[: self.ep].tolist()
+        recv = host[self.ep :].view(self.ep, self.num_local)
         out_splits = recv.sum(dim=1).tolist()
         received = all_to_all(x, out_splits, in_splits, self.group)
-        perm = expert_major_permutation(recv)
+        perm = to_device_async(expert_major_permutation(recv), x.device)
         self._state = (perm, in_splits, out_splits)
         return received[perm], recv.sum(dim=0)
 

@@ -11,7 +11,18 @@ types: :class:`GroupedExperts` (SwiGLU FFN experts, here) and
 :class:`~system.moe.fme.FeatureModulatedExperts` (MoFME).
 
 SwiGLU experts: ``w1``/``w3`` ``[E_local, d, f]`` and ``w2`` ``[E_local, f, d]``, computed with a
-grouped matmul (CUDA) or the chunked exact kernel (CPU).
+grouped matmul (CUDA, bf16) or the chunked exact kernel (CPU, and other dtypes on CUDA).
+
+Which kernel (:func:`expert_kernel`). ``torch._grouped_mm`` (torch 2.11 to 2.13) has one fused kernel,
+CUTLASS, for bf16 on compute capability 9.x and 10.x (Hopper, datacenter Blackwell), with no host
+synchronisation. It also accepts fp32 and fp16 on CUDA, but runs them through
+``_grouped_mm_fallback``: it copies the offsets to the host (a synchronisation per call, three per
+SwiGLU forward and more in backward) and loops over the groups with one ``mm`` each. The chunked
+kernel does the same per-expert GEMMs with one synchronisation (``counts.tolist()``, none when the
+dispatcher hands host counts) and a hand-written backward, so ``auto`` sends fp32 inference and
+training there on a GPU (one chunk per expert: :func:`~system.moe.swiglu.chunk_bytes_for`), and
+``torch._grouped_mm`` only where it is fused. ``on`` forces ``torch._grouped_mm`` wherever it accepts
+the dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from system.moe.swiglu import swiglu_experts, swiglu_experts_flat
+from system.moe.dispatch import to_device_async
+from system.moe.swiglu import chunk_bytes_for, swiglu_experts, swiglu_experts_flat
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -39,14 +51,23 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` can run for this device and dtype."""
+    """Whether ``torch._grouped_mm`` accepts this device and dtype (CPU: fp32, bf16; CUDA: bf16, fp16,
+    fp32, fused or through its per-group fallback: see :func:`grouped_mm_fused`)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16)
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+        return dtype in (torch.bfloat16, torch.float16, torch.float32)
     return False
+
+
+def grouped_mm_fused(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs its fused CUDA kernel here: bf16 on compute capability 9.x
+    or 10.x (torch 2.11-2.13 ``_grouped_mm_cuda``); elsewhere it loops over groups after a host sync."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def _cuda_grouped_mm_aligned(*mats: torch.Tensor) -> bool:
@@ -72,7 +93,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     Args:
         x: ``[M, a]`` rows sorted by group.
         w: ``[G, a, b]``.
-        counts: ``[G]`` int rows per group (sum M).
+        counts: ``[G]`` int rows per group (sum M), on ``x``'s device or the host (then the offsets
+            are uploaded without a host sync).
         use_grouped_mm: use ``torch._grouped_mm`` (one kernel); else an exact per-group loop. With no
             rows the loop is used: it keeps the (empty) output connected to ``x`` and ``w`` in autograd.
 
@@ -82,22 +104,22 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     if use_grouped_mm and x.is_cuda and not _cuda_grouped_mm_aligned(x, w):
         use_grouped_mm = False  # the CUDA kernel rejects these strides/pointers: use the exact loop
     if use_grouped_mm and x.shape[0] > 0:
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32).to(x.device)
+        offs = to_device_async(torch.cumsum(counts, dim=0, dtype=torch.int32), x.device)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
     chunks = x.split(counts.tolist(), dim=0)
     return torch.cat([c @ w[g] for g, c in enumerate(chunks)], dim=0)
 
 
 def expert_kernel(device: torch.device, dtype: torch.dtype, mode: str = "auto") -> str:
-    """Which kernel :func:`expert_swiglu` uses: ``"grouped_mm"`` or ``"chunked"`` (see there).
+    """Which kernel :func:`expert_swiglu` uses: ``"grouped_mm"`` or ``"chunked"`` (see there and the
+    module docstring): ``auto`` picks ``torch._grouped_mm`` only where it is fused (:func:`grouped_mm_fused`).
 
     Raises:
         RuntimeError: ``mode="on"`` where ``torch._grouped_mm`` cannot run for this device/dtype.
     """
-    available = grouped_mm_available(device, dtype)
-    if mode == "on" and not available:
+    if mode == "on" and not grouped_mm_available(device, dtype):
         raise RuntimeError(f"moe.grouped_mm='on' but torch._grouped_mm cannot run on {device} / {dtype}")
-    use = mode == "on" or (mode == "auto" and available and device.type != "cpu")
+    use = mode == "on" or (mode == "auto" and grouped_mm_fused(device, dtype))
     return "grouped_mm" if use else "chunked"
 
 
@@ -111,8 +133,9 @@ def expert_swiglu(
         counts: ``[G]`` int64 rows per expert (sums to M).
         mode: ``"on"``: ``torch._grouped_mm`` (one kernel per projection); ``"off"``: the fused,
             chunked exact kernel :func:`system.moe.swiglu.swiglu_experts`; ``"auto"``: grouped_mm on
-            CUDA where it runs, the chunked kernel on CPU (faster there: it keeps the ``[rows, f]``
-            intermediates cache-sized, see that module) and wherever grouped_mm is unavailable.
+            CUDA where it is fused (bf16, compute capability 9.x/10.x), the chunked kernel on CPU
+            (faster there: it keeps the ``[rows, f]`` intermediates cache-sized, see that module) and
+            elsewhere on CUDA (one chunk per expert there).
 
     Returns:
         ``[M, d]``.
@@ -126,7 +149,7 @@ def expert_swiglu(
     if use and x.shape[0] > 0:
         h = F.silu(grouped_matmul(x, w1, counts, True)) * grouped_matmul(x, w3, counts, True)
         return grouped_matmul(h, w2, counts, True)
-    return swiglu_experts(x, w1, w2, w3, counts)
+    return swiglu_experts(x, w1, w2, w3, counts, chunk_bytes=chunk_bytes_for(x.device))
 
 
 class ExpertKind:
@@ -280,7 +303,8 @@ class SwiGLUKind(ExpertKind):
     def compute_flat(self, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The fused flat-row kernel on CPU (one flat weight gradient), else :meth:`compute`."""
         if expert_kernel(x.device, x.dtype, self.grouped_mm) == "chunked":
-            return swiglu_experts_flat(x, rows, self.dim, self.hidden_dim, counts)
+            return swiglu_experts_flat(x, rows, self.dim, self.hidden_dim, counts,
+                                       chunk_bytes=chunk_bytes_for(x.device))
         return self.compute(x, counts, self.unflatten(rows))
 
 

@@ -87,7 +87,7 @@ class FMEKind(ExpertKind):
 
         Args:
             x: ``[M, f]`` rows sorted by expert.
-            counts: ``[G]`` int64 rows per expert (sums to M).
+            counts: ``[G]`` int64 rows per expert (sums to M), on ``x``'s device or the host.
             weights: ``scale``/``shift`` ``[G, f]`` (and ``down`` ``[G, f, r]``, ``up`` ``[G, r, f]``).
 
         Returns:
@@ -96,7 +96,9 @@ class FMEKind(ExpertKind):
             On CPU the element-wise part is the fused, chunked :func:`~system.moe.fme_kernel.fme_modulate`
             (page-fault- and cache-friendly); elsewhere plain vectorised ops.
         """
-        counts_t = torch.as_tensor(counts, dtype=torch.long, device=x.device)
+        # Host counts (what the EP and FSSDP dispatchers hand over) stay on the host: the kernels read
+        # them there or upload them without a sync; only a list is turned into a tensor.
+        counts_t = counts.long() if isinstance(counts, torch.Tensor) else torch.as_tensor(counts, dtype=torch.long)
         extra = None
         if self.modulation == "lowrank":
             use = expert_kernel(x.device, x.dtype, self.grouped_mm) == "grouped_mm"

@@ -15,14 +15,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from system.moe.dispatch import to_device_async
 from system.moe.swiglu import DEFAULT_CHUNK_BYTES, _chunks
 
 
 def fme_modulate_reference(a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, counts: torch.Tensor,
                            extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Vectorised plain-ops version of :func:`fme_modulate` (per-row gathers of the expert vectors)."""
-    counts_t = torch.as_tensor(counts, dtype=torch.long, device=a.device)
-    expert_of_row = torch.repeat_interleave(torch.arange(counts_t.numel(), device=a.device), counts_t)
+    """Vectorised plain-ops version of :func:`fme_modulate` (per-row gathers of the expert vectors).
+
+    ``counts`` may live on the host: it is uploaded without a host sync, and the row count is passed
+    to ``repeat_interleave`` (``output_size``), which would otherwise read the sum back from the device.
+    """
+    counts_t = to_device_async(torch.as_tensor(counts, dtype=torch.long), a.device)
+    expert_of_row = torch.repeat_interleave(torch.arange(counts_t.numel(), device=a.device), counts_t,
+                                            output_size=a.shape[0])
     z = a * (1 + scale[expert_of_row]) + shift[expert_of_row]
     return F.silu(z if extra is None else z + extra)
 

@@ -20,6 +20,19 @@ optimizer step by :func:`system.moe.balance.update_expert_bias`); ``"none"``. Wi
 ``"none"`` the layer's ``aux_loss`` is a constant 0. Shared experts (DeepSeek-V2/V3, Qwen2-MoE) are
 one SwiGLU of hidden ``moe.shared_hidden_dim()`` run on every token, optionally scaled by
 ``sigmoid(x w_g)`` (Qwen2-MoE's ``shared_expert_gate``).
+
+Host synchronisation on CUDA: the layer itself adds none in dropless mode (expert counts by
+``scatter_add_``, not ``bincount``, which reads the maximum id back); the capacity mode reads the
+number of drops, and the dispatchers read their split sizes once (see :mod:`system.moe.dispatch`).
+
+Determinism (:attr:`MoELayer.deterministic`, set from ``training.deterministic``): the weighted sum
+of each token's k expert rows is an ``index_add`` on CPU (sequential: deterministic) and, by
+default, on CUDA too, where it is done with atomic adds whose order varies from run to run (for
+``k <= 2`` the float result is the same anyway: ``0 + a + b == a + b == b + a``; from ``k = 3`` on the
+last bits vary). With ``deterministic`` the CUDA sum places each row at its assignment slot and sums
+over the k slots in a fixed order (:func:`combine_by_token`). On CPU with several threads the backward
+of the token gather ``rows[token_of]`` accumulates repeated indices with parallel atomics (PyTorch's
+``index_put_``): :mod:`system.train.determinism` covers it with ``torch.use_deterministic_algorithms``.
 """
 
 from __future__ import annotations
@@ -79,6 +92,8 @@ class MoELayer(nn.Module):
             output (``cfg.shared_expert_gate``, Qwen2-MoE), or ``None``.
         capacity_groups: in capacity mode, the tokens of one forward are split into this many equal
             groups, each with its own capacity (a single-process reference of an N-rank job uses N).
+        deterministic: sum each token's expert rows in a fixed order on CUDA (see the module
+            docstring); default False. No effect on CPU, whose combine is sequential anyway.
         last_stats: :class:`MoEStats` of the latest forward.
 
     Raises:
@@ -112,6 +127,7 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher()
         self.stats_group = None
         self.capacity_groups = 1
+        self.deterministic = False
         self.last_stats: MoEStats | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -139,7 +155,7 @@ class MoELayer(nn.Module):
         route = self.router(xf)
         flat_expert = route.indices.flatten()  # [T*k], assignment a = t*k + j
 
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        counts = count_per_expert(flat_expert, self.num_experts)
         global_counts = counts.float()
         global_tokens = num_tokens
         if self.stats_group is not None:
@@ -157,7 +173,7 @@ class MoELayer(nn.Module):
             keep = self._capacity_mask(route.indices)
             dropped = int((~keep).sum())
             sort_key = torch.where(keep, flat_expert, self.num_experts)  # dropped sort last
-            counts = torch.bincount(flat_expert[keep], minlength=self.num_experts)
+            counts = count_per_expert(flat_expert[keep], self.num_experts)
         order = torch.argsort(sort_key, stable=True)
         num_kept = flat_expert.numel() - dropped
         order = order[:num_kept]
@@ -169,8 +185,7 @@ class MoELayer(nn.Module):
         y = self.dispatcher.combine(y_local)
         # Weighted sum over each token's k experts, accumulated in float32 (y may be bf16).
         w = route.weights.flatten()[order]
-        acc = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=xf.device)
-        acc = acc.index_add(0, token_of, y.float() * w[:, None])
+        acc = combine_by_token(y.float() * w[:, None], token_of, order, num_tokens, self.top_k, self.deterministic)
         out = self.expert_outputs(acc, ctx)
         if self.shared_experts is not None:
             out = out + self.shared_output(xf)
@@ -229,12 +244,52 @@ class MoELayer(nn.Module):
         key = (bucket * k + j) * num_tokens + t
         order = torch.argsort(key)
         sorted_bucket = bucket[order]
-        bucket_sizes = torch.bincount(sorted_bucket, minlength=groups * self.num_experts)
+        bucket_sizes = count_per_expert(sorted_bucket, groups * self.num_experts)
         bucket_start = torch.cumsum(bucket_sizes, 0) - bucket_sizes
         position = torch.arange(order.numel(), device=indices.device) - bucket_start[sorted_bucket]
         keep = torch.empty_like(position, dtype=torch.bool)
         keep[order] = position < capacity
         return keep
+
+
+def count_per_expert(flat_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[E]`` int64 assignments per expert of ``flat_expert`` ``[N]`` (ids in ``[0, E)``), on its device.
+
+    ``torch.bincount`` on CPU; on other devices an integer ``scatter_add_`` (exact, and deterministic
+    in value), because CUDA ``bincount`` reads the largest id back to size its output: a host sync.
+    """
+    if flat_expert.device.type == "cpu":
+        return torch.bincount(flat_expert, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_expert.device)
+    return counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int64))
+
+
+def combine_by_token(contrib: torch.Tensor, token_of: torch.Tensor, order: torch.Tensor, num_tokens: int,
+                     top_k: int, deterministic: bool = False) -> torch.Tensor:
+    """Sum the weighted expert rows of each token: ``[N, w]`` -> ``[T, w]`` (the MoE combine).
+
+    Row ``i`` of ``contrib`` is the weighted output of assignment ``order[i]`` (``= t * k + j``: token
+    ``t = token_of[i]``, choice ``j``); assignments not in ``order`` (dropped at capacity) add nothing.
+    By default an ``index_add`` into zeros, in ``contrib``'s dtype: sequential in row order on CPU,
+    atomic on CUDA (see :mod:`system.moe.layer` on determinism). With ``deterministic`` on a non-CPU
+    device, the rows are copied to their assignment slots ``[T * k, w]`` (zeros elsewhere) and summed
+    over ``k`` in a fixed order: no atomics. CPU always takes the ``index_add``.
+
+    Args:
+        contrib: ``[N, w]`` rows (N = kept assignments).
+        token_of: ``[N]`` int64, ``order // top_k``.
+        order: ``[N]`` int64 distinct assignment indices in ``[0, T * k)``.
+        num_tokens: T.
+        top_k: k.
+        deterministic: use the fixed-order sum on CUDA.
+
+    Returns:
+        ``[T, w]``, differentiable in ``contrib``.
+    """
+    if deterministic and contrib.device.type != "cpu":
+        slots = contrib.new_zeros(num_tokens * top_k, contrib.shape[-1]).index_copy(0, order, contrib)
+        return slots.view(num_tokens, top_k, contrib.shape[-1]).sum(dim=1)
+    return contrib.new_zeros(num_tokens, contrib.shape[-1]).index_add(0, token_of, contrib)
 
 
 def _router_std(route: RouterOutput) -> torch.Tensor | None:

@@ -121,8 +121,13 @@ class TopKRouter(nn.Module):
         self.forced_indices: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        """Route ``x`` of shape ``[T, d]``; see :class:`RouterOutput`."""
-        logits = F.linear(x.float(), self.gate.weight.float())
+        """Route ``x`` of shape ``[T, d]``; see :class:`RouterOutput`.
+
+        The gate runs in fp32 also under autocast (as DeepSeek-V3 and TorchTitan do): a bf16 gate would
+        round near-tied logits together and route tokens differently from an fp32 run.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
         scores = self._score(logits)
         indices, weights = self._select(scores)
         return RouterOutput(indices=indices, weights=self._finish(weights), scores=scores, logits=logits)
@@ -244,7 +249,8 @@ class UncertaintyRouter(TopKRouter):
             return super().forward(x)
         xf = x.float()
         dropped = F.dropout(xf.unsqueeze(0).expand(self.passes, *xf.shape), self.dropout, training=True)
-        logits = torch.matmul(dropped, self.gate.weight.float().t())  # [M, T, E]
+        with torch.autocast(x.device.type, enabled=False):  # fp32 gate, as in TopKRouter.forward
+            logits = torch.matmul(dropped, self.gate.weight.float().t())  # [M, T, E]
         mu, var = mc_moments(self._score(logits))
         mean_logits, _ = mc_moments(logits)
         indices, chosen_mu = self._select(mu)

@@ -11,7 +11,9 @@ elementwise pass pays page faults and cache misses (measured: the SwiGLU element
 longer than on 4 MiB chunks, see ``benchmarks/results/moe_layer_cpu_profiled.md``). Chunks small
 enough to stay in the allocator's heap and in cache remove that cost; the matmuls are the same
 (exact per-group products, no padding). On CUDA the single ``torch._grouped_mm`` kernel is used
-instead (:func:`system.moe.experts.grouped_matmul`).
+instead where it has a fused kernel (:func:`system.moe.experts.grouped_matmul`); elsewhere on a GPU
+this kernel runs with one chunk per group (``chunk_bytes=None``, :func:`chunk_bytes_for`): the cache
+argument is a CPU one, and a GPU wants few large GEMMs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ import torch.nn.functional as F
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 """Target size of one ``[rows, f]`` intermediate (bytes)."""
+
+
+def chunk_bytes_for(device: torch.device) -> int | None:
+    """The chunk size the experts use on ``device``: :data:`DEFAULT_CHUNK_BYTES` on CPU (cache-sized
+    intermediates), ``None`` (one chunk per expert: one GEMM per expert and projection) elsewhere."""
+    return DEFAULT_CHUNK_BYTES if device.type == "cpu" else None
+
+
+def _chunk_rows(chunk_bytes: int | None, width: int, rows: torch.Tensor) -> int:
+    """Rows per chunk: ``chunk_bytes`` worth of ``[rows, width]`` intermediates, all rows for ``None``."""
+    if chunk_bytes is None:
+        return max(1, rows.shape[0])
+    return max(1, chunk_bytes // (width * rows.element_size()))
 
 
 def _chunks(counts: list[int], chunk_rows: int):
@@ -122,7 +137,7 @@ class _SwiGLUExpertsFlat(torch.autograd.Function):
 
 def swiglu_experts_flat(
     x: torch.Tensor, rows: torch.Tensor, dim: int, hidden_dim: int, counts: torch.Tensor | list[int],
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """:func:`swiglu_experts` with the weights as flat rows ``[G, 3*d*f]`` (``[w1 | w2 | w3]`` per
     expert, the FSSDP buffer layout); the gradient of ``rows`` comes back as one ``[G, 3*d*f]``.
@@ -135,7 +150,7 @@ def swiglu_experts_flat(
         raise ValueError(f"rows must be [G, {3 * dim * hidden_dim}], got {list(rows.shape)}")
     if len(counts) != rows.shape[0] or sum(counts) != x.shape[0]:
         raise ValueError(f"counts {counts} must have {rows.shape[0]} entries summing to the {x.shape[0]} rows of x")
-    chunk_rows = max(1, chunk_bytes // (hidden_dim * x.element_size()))
+    chunk_rows = _chunk_rows(chunk_bytes, hidden_dim, x)
     return _SwiGLUExpertsFlat.apply(x, rows, dim, hidden_dim, counts, chunk_rows)
 
 
@@ -145,7 +160,7 @@ def swiglu_experts(
     w2: torch.Tensor,
     w3: torch.Tensor,
     counts: torch.Tensor | list[int],
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """SwiGLU experts on rows sorted by expert, exact per-group products in row chunks.
 
@@ -153,7 +168,8 @@ def swiglu_experts(
         x: ``[M, d]`` rows sorted by group.
         w1, w3: ``[G, d, f]``; w2: ``[G, f, d]`` (same dtype and device as ``x``).
         counts: ``[G]`` rows per group (sums to M).
-        chunk_bytes: upper bound on the bytes of one ``[rows, f]`` intermediate.
+        chunk_bytes: upper bound on the bytes of one ``[rows, f]`` intermediate; ``None``: one chunk
+            per group (no upper bound).
 
     Returns:
         ``[M, d]``. Differentiable with respect to ``x``, ``w1``, ``w2`` and ``w3``; with ``M == 0``
@@ -165,5 +181,5 @@ def swiglu_experts(
     counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     if len(counts) != w1.shape[0] or sum(counts) != x.shape[0]:
         raise ValueError(f"counts {counts} must have {w1.shape[0]} entries summing to the {x.shape[0]} rows of x")
-    chunk_rows = max(1, chunk_bytes // (w1.shape[-1] * x.element_size()))
+    chunk_rows = _chunk_rows(chunk_bytes, w1.shape[-1], x)
     return _SwiGLUExperts.apply(x, w1, w2, w3, counts, chunk_rows)

@@ -38,6 +38,7 @@ from system.models.model import MoETransformer
 from system.models.parallelize import parallelize_model
 from system.errors import DataError, RunFolderError
 from system.train.lifecycle import Preempted, preempt_requested, stop_signal_name
+from system.train.determinism import enable_deterministic_algorithms, set_moe_deterministic
 from system.train.flops import flops_per_token, peak_flops
 from system.train.metrics import MetricsLogger, RoutingTrace
 from system.train.step import train_step
@@ -124,6 +125,8 @@ class Trainer:
 
     def _build(self, job_id: str | None, continue_run: bool) -> None:
         cfg = self.cfg
+        if cfg.training.deterministic:  # before the first CUDA matmul: cuBLAS reads its workspace setting once
+            enable_deterministic_algorithms()
         if self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(cfg.training.threads_per_rank or max(1, (os.cpu_count() or 1) // local))
@@ -178,6 +181,7 @@ class Trainer:
         if not ccfg.initial_load_path:  # else every weight is read below (or from the resumed checkpoint)
             self.model.init_weights(seed=tcfg.seed)
         self.num_params, self.active_params = self.model.num_params()
+        set_moe_deterministic(self.model, cfg.training.deterministic)
         self.fssdp = parallelize_model(self.model, self.mesh, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_lr_scheduler(self.optimizer, tcfg)

@@ -8,7 +8,8 @@ optimizer state (:class:`Ownership`). Each iteration, per layer:
    materialized on which ranks, within an overlap budget (:func:`estimate_overlap_budget`) and a
    memory budget;
 3. :func:`sparse_all_gather` copies the owners' parameters to the placement;
-4. :func:`route_tokens` sends each token copy to the nearest materialized copy of its expert;
+4. :func:`route_tokens` sends each token copy to the nearest materialized copy of its expert
+   (:func:`route_counts` and :func:`routed_to`: the same rule as send and receive counts);
 5. :func:`sparse_reduce_scatter` sums the gradients of all copies back on the owners, which run the
    optimizer.
 
@@ -27,7 +28,9 @@ from system.parallel.fssdp.ownership import Ownership
 from system.parallel.fssdp.placement import (
     LoadTracker,
     estimate_overlap_budget,
+    route_counts,
     route_tokens,
+    routed_to,
     sparse_materialization,
 )
 from system.parallel.fssdp.resharding import heterogeneous_sharding, reshard
@@ -40,7 +43,9 @@ __all__ = [
     "heterogeneous_sharding",
     "materialized_ids",
     "reshard",
+    "route_counts",
     "route_tokens",
+    "routed_to",
     "sparse_all_gather",
     "sparse_materialization",
     "sparse_reduce_scatter",

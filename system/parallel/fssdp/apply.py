@@ -114,9 +114,12 @@ class FSSDPController:
             Whether ownership changed (a re-sharding moved experts).
         """
         self.step += 1
-        for moe, st in zip(self.moe_layers(), self.states):
-            if moe.last_stats is not None:
-                st.tracker.update(moe.last_stats.tokens_per_expert.detach().cpu())
+        seen = [(moe.last_stats.tokens_per_expert.detach(), st)
+                for moe, st in zip(self.moe_layers(), self.states) if moe.last_stats is not None]
+        if seen:  # every layer's loads in one device-to-host copy (one sync per step, not per layer)
+            loads = torch.cat([t.to(torch.float64).flatten() for t, _ in seen]).cpu()
+            for load, (_, st) in zip(loads.split([t.numel() for t, _ in seen]), seen):
+                st.tracker.update(load)
         if self.cfg.overlap_budget < 0 and self.step == 2:
             self._estimate_overlap_budget()
         if self.cfg.reshard_interval and self.step % self.cfg.reshard_interval == 0:

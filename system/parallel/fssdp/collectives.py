@@ -10,7 +10,9 @@ Broadcasting to an arbitrary set of ranks would need one NCCL communicator per s
 built from one ``dist.all_to_all_single`` with per-peer uneven splits over rows of the flat buffer
 (works on Gloo and NCCL). Rows travel as raw bytes (``uint8`` views), so any dtype moves bit-exactly
 and the summation of spRS happens locally, in a fixed order. Every rank computes the same send and
-receive plans from the replicated ``ownership`` and ``placement``: no sizes are exchanged.
+receive plans from the replicated ``ownership`` and ``placement``: no sizes are exchanged. The plans
+live on the host; their row indices reach the device through pinned memory without a host sync
+(:func:`~system.moe.dispatch.to_device_async`), so neither collective synchronises with the device.
 These functions move data only; they are not differentiable (wrap them in an autograd.Function).
 """
 
@@ -21,6 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from system.moe.dispatch import to_device_async
 from system.parallel.fssdp.ownership import Ownership
 
 
@@ -177,9 +180,11 @@ def sparse_all_gather(owned: torch.Tensor, ownership: Ownership, placement: torc
     send_ids, in_splits, recv_ids, out_splits = exchange_plan(_owner_matrix(ownership, world), placement, rank, world)
     dev = owned.device
     owned_bytes = as_rows_of_bytes(owned)
-    send = owned_bytes.index_select(0, slot[send_ids].to(dev))
+    send = owned_bytes.index_select(0, to_device_async(slot[send_ids], dev))
     recv = owned_bytes.new_empty((sum(out_splits), owned_bytes.shape[1]))
-    work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=group, async_op=async_op)
+    work = None
+    if world > 1:  # alone, a rank sends and receives nothing
+        work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=group, async_op=async_op)
 
     mat = placement[:, rank]
     pos = torch.cumsum(mat.to(torch.int64), 0) - 1  # row of expert e in the result
@@ -190,8 +195,9 @@ def sparse_all_gather(owned: torch.Tensor, ownership: Ownership, placement: torc
         return SparseAllGatherHandle(work, result, recv, pos[:0], send) if async_op else result
     result = owned.new_empty((int(mat.sum()),) + tuple(owned.shape[1:]))
     if local.numel():
-        result.index_copy_(0, pos[local].to(dev), owned.detach().index_select(0, slot[local].to(dev)))
-    recv_pos = pos[recv_ids].to(dev)
+        rows = owned.detach().index_select(0, to_device_async(slot[local], dev))
+        result.index_copy_(0, to_device_async(pos[local], dev), rows)
+    recv_pos = to_device_async(pos[recv_ids], dev)
     if async_op:
         return SparseAllGatherHandle(work, result, recv, recv_pos, send)
     _scatter_rows(result, recv, recv_pos)
@@ -240,9 +246,10 @@ def sparse_reduce_scatter(materialized: torch.Tensor, ownership: Ownership, plac
     dev = materialized.device
     pos = torch.cumsum(placement[:, rank].to(torch.int64), 0) - 1
     mat_bytes = as_rows_of_bytes(materialized)
-    send = mat_bytes.index_select(0, pos[send_ids].to(dev))
+    send = mat_bytes.index_select(0, to_device_async(pos[send_ids], dev))
     recv_bytes = mat_bytes.new_empty((sum(out_splits), mat_bytes.shape[1]))
-    dist.all_to_all_single(recv_bytes, send, out_splits, in_splits, group=group)
+    if world > 1:  # alone, a rank sends and receives nothing
+        dist.all_to_all_single(recv_bytes, send, out_splits, in_splits, group=group)
     recv = from_rows_of_bytes(recv_bytes, materialized.dtype, tuple(materialized.shape[1:]))
 
     mine = torch.nonzero(placement[:, rank] & (owner == rank)).flatten()
@@ -253,11 +260,11 @@ def sparse_reduce_scatter(materialized: torch.Tensor, ownership: Ownership, plac
     start = 0
     for src in range(world):  # fixed order: ascending source rank
         if src == rank:
-            rows, ids = materialized.detach().index_select(0, pos[mine].to(dev)), mine
+            rows, ids = materialized.detach().index_select(0, to_device_async(pos[mine], dev)), mine
         else:
             n = out_splits[src]
             rows, ids = recv[start:start + n], recv_ids[start:start + n]
             start += n
         if ids.numel():  # one row per expert per source: unique indices, deterministic on CUDA too
-            out.index_add_(0, slot[ids].to(dev), rows)
+            out.index_add_(0, to_device_async(slot[ids], dev), rows)
     return out

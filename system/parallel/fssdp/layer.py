@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from system.moe.dispatch import all_to_all, expert_major_permutation
+from system.moe.dispatch import all_to_all, expert_major_permutation, to_device_async
 from system.moe.experts import ExpertKind, ExpertModule, autocast_inputs
 from system.parallel.fssdp.collectives import materialized_ids, sparse_all_gather, sparse_reduce_scatter
 from system.parallel.fssdp.ownership import Ownership
-from system.parallel.fssdp.placement import LoadTracker, route_tokens
+from system.parallel.fssdp.placement import LoadTracker, route_counts, route_tokens, routed_to
 
 
 @dataclass
@@ -59,9 +59,14 @@ class FSSDPLayerState:
 class FSSDPDispatcher:
     """Sends each token copy to a rank where its expert is materialized, and back.
 
-    Destinations come from :func:`~system.parallel.fssdp.placement.route_tokens`; one all-to-all
-    of per-(destination, expert) counts and one uneven all-to-all of rows, as under EP, but the
-    receiving rank groups rows by its *materialized* experts rather than a fixed block.
+    Destinations come from :func:`~system.parallel.fssdp.placement.route_tokens`; one uneven
+    all-to-all of rows, as under EP, but the receiving rank groups rows by its *materialized* experts
+    rather than a fixed block. The sizes: the ranks all-gather their per-expert counts ``[W, E]`` and
+    read them to the host, the layer's one device-to-host synchronisation per step (the backward pass
+    reuses the sizes). Routing is a pure function of (counts, source, placement), so every rank
+    derives from them what it sends (:func:`~system.parallel.fssdp.placement.route_counts`) and what
+    it receives (:func:`~system.parallel.fssdp.placement.routed_to`) without a count all-to-all; the
+    index tensors built on the host go to the device through pinned memory, without a sync.
     """
 
     def __init__(self, state: FSSDPLayerState, num_experts: int):
@@ -71,24 +76,24 @@ class FSSDPDispatcher:
 
     def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[N, d]`` sorted by global expert, ``counts`` ``[E]`` -> rows for this rank's
-        materialized experts ``[M, d]`` (sorted by materialized expert) and their counts ``[n_mat]``."""
+        materialized experts ``[M, d]`` (sorted by materialized expert) and their counts ``[n_mat]``
+        (a host int64 tensor)."""
         st = self.state
-        world, num_e = st.world_size, self.num_experts
-        experts = torch.repeat_interleave(torch.arange(num_e, device=x.device), counts)
-        dest = route_tokens(experts.cpu(), st.rank, st.placement, st.ranks_per_node).to(x.device)
+        num_e = self.num_experts
+        all_counts = _gather_counts(counts, st.world_size, st.group)  # [W, E] on the host: the one sync
+        mine = all_counts[st.rank]
+        experts = torch.repeat_interleave(torch.arange(num_e), mine)  # host
+        dest = route_tokens(experts, st.rank, st.placement, st.ranks_per_node)
         order = torch.argsort(dest, stable=True)  # by destination, then (stable) by expert
-        send = torch.zeros(world * num_e, dtype=torch.long, device=x.device)
-        send.index_add_(0, dest * num_e + experts, torch.ones_like(dest))
-        send = send.view(world, num_e)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=st.group)
+        send = route_counts(mine, st.rank, st.placement, st.ranks_per_node)  # [W, E] to each destination
+        recv = routed_to(all_counts, st.rank, st.placement, st.ranks_per_node)  # [W, E] from each source
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        order = to_device_async(order, x.device)
         received = all_to_all(x[order], out_splits, in_splits, st.group)
-        mat = st.mat_ids.to(x.device)
-        recv_mat = recv[:, mat]
+        recv_mat = recv[:, st.mat_ids]
         if int(recv_mat.sum()) != int(recv.sum()):
             raise RuntimeError(f"rank {st.rank} received tokens for experts it has not materialized")
-        perm = expert_major_permutation(recv_mat)
+        perm = to_device_async(expert_major_permutation(recv_mat), x.device)
         self._saved = (order, perm, in_splits, out_splits)
         local_counts = recv_mat.sum(0)
         st.stats["expert_tokens"] += int(local_counts.sum())
@@ -198,6 +203,17 @@ class FSSDPExperts(nn.Module):
             ids = st.ownership.owned(r)
             full[ids] = parts[r][: len(ids)]
         return self.unflatten(full)
+
+
+def _gather_counts(counts: torch.Tensor, world: int, group) -> torch.Tensor:
+    """Every rank's per-expert counts ``[E]`` -> ``[W, E]`` int64 on the host (a collective; one
+    device-to-host copy). ``all_gather`` into a list: Gloo and NCCL, torch 2.11 to 2.13."""
+    counts = counts.to(torch.int64).contiguous()
+    if world == 1:
+        return counts.cpu()[None]
+    parts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(parts, counts, group=group)
+    return torch.stack(parts).cpu()
 
 
 def _remote_rows(st: FSSDPLayerState) -> int:

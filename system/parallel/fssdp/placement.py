@@ -271,3 +271,114 @@ def route_tokens(experts: torch.Tensor, source_rank: int, placement: torch.Tenso
     dest = torch.empty_like(dest_sorted)
     dest[order] = dest_sorted
     return dest.to(device)
+
+
+def _check_rpn(ranks_per_node: int) -> None:
+    if ranks_per_node < 1:
+        raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+
+
+def _dealt(n: torch.Tensor, k: torch.Tensor, index: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Copies the eligible rank at position ``index`` gets when ``n`` copies are dealt round-robin over
+    ``k`` eligible ranks from position ``start`` (:func:`route_tokens`): copy ``i`` goes to position
+    ``(i + start) % k``, so position ``j`` gets ``n // k + (((j - start) % k) < n % k)``."""
+    k = k.clamp_min(1)
+    return n // k + (((index - start) % k) < n % k).to(torch.int64)
+
+
+def _raise_unplaced(counts: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise like :func:`route_tokens` when an expert with copies has no eligible rank."""
+    bad = torch.nonzero((k == 0) & (counts > 0))
+    if bad.numel():
+        raise ValueError(f"expert {int(bad[0, -1])} is routed tokens but materialized on no rank")
+
+
+def route_counts(counts: torch.Tensor, source_rank: int, placement: torch.Tensor, ranks_per_node: int) -> torch.Tensor:
+    """:func:`route_tokens` as counts: how many copies of each expert ``source_rank`` sends to each rank.
+
+    Equal to the ``[W, E]`` histogram of ``(route_tokens(experts, source_rank, ...), experts)`` for
+    any ``experts`` holding ``counts[e]`` copies of expert ``e``, computed from the counts alone (no
+    per-token work), on the host. FSSDP's dispatcher uses it (with :func:`routed_to`) so that every
+    rank derives every send and receive count from the all-gathered per-expert counts.
+
+    Args:
+        counts: ``[E]`` int copies per expert on ``source_rank`` (any device; read on the host).
+        source_rank: the sending rank.
+        placement: ``[E, W]`` bool from :func:`sparse_materialization`.
+        ranks_per_node: ranks per node.
+
+    Returns:
+        ``[W, E]`` int64 on the CPU: ``[r, e]`` copies of expert ``e`` sent to rank ``r``.
+
+    Raises:
+        ValueError: an expert with copies is materialized nowhere, or ``ranks_per_node < 1``.
+    """
+    _check_rpn(ranks_per_node)
+    placement = placement.cpu()
+    counts = counts.detach().to("cpu", torch.int64)
+    E, W = placement.shape
+    node = torch.arange(W) // ranks_per_node
+    near = placement & (node == source_rank // ranks_per_node)[None, :]  # [E, W]
+    local = placement[:, source_rank]  # [E]
+    only_source = torch.zeros(W, dtype=torch.bool)
+    only_source[source_rank] = True
+    eligible = torch.where(local[:, None], only_source[None, :],
+                           torch.where(near.any(1, keepdim=True), near, placement))  # [E, W]
+    k = eligible.sum(1)
+    _raise_unplaced(counts, k)
+    index = torch.cumsum(eligible.to(torch.int64), 1) - 1  # position of each eligible rank, ascending ids
+    start = (source_rank % k.clamp_min(1))[:, None]
+    dealt = _dealt(counts[:, None], k[:, None], index, start)
+    return torch.where(eligible, dealt, 0).t().contiguous()
+
+
+def routed_to(counts: torch.Tensor, dest_rank: int, placement: torch.Tensor, ranks_per_node: int) -> torch.Tensor:
+    """What rank ``dest_rank`` receives from every rank: ``out[s] == route_counts(counts[s], s, ...)[dest_rank]``.
+
+    Computed for all sources at once in ``O(W * E)`` (no ``[W, W, E]`` intermediate), from where
+    ``dest_rank`` stands among the eligible ranks of each (source, expert) under the rule of
+    :func:`route_tokens`: the source itself when it holds the expert; else the holders on the
+    source's node, which include ``dest_rank`` only on the same node; else every holder.
+
+    Args:
+        counts: ``[W, E]`` int copies per expert on each source rank (any device; read on the host).
+        dest_rank: the receiving rank.
+        placement: ``[E, W]`` bool.
+        ranks_per_node: ranks per node (node ``n`` is ranks ``n * ranks_per_node ...``).
+
+    Returns:
+        ``[W, E]`` int64 on the CPU: ``[s, e]`` copies of expert ``e`` that rank ``s`` sends to ``dest_rank``.
+
+    Raises:
+        ValueError: ``counts`` is not ``[W, E]``, an expert with copies is materialized nowhere, or
+            ``ranks_per_node < 1``.
+    """
+    _check_rpn(ranks_per_node)
+    placement = placement.cpu()
+    counts = counts.detach().to("cpu", torch.int64)
+    E, W = placement.shape
+    if tuple(counts.shape) != (W, E):
+        raise ValueError(f"routed_to needs counts [W={W}, E={E}], got {tuple(counts.shape)}")
+    r = dest_rank
+    source = torch.arange(W)
+    node = source // ranks_per_node
+    first = (r // ranks_per_node) * ranks_per_node  # first rank of dest_rank's node
+    held = placement.to(torch.int64)
+    per_node = torch.zeros(E, int(node.max()) + 1, dtype=torch.int64).index_add_(1, node, held)  # [E, nodes]
+    holders = held.sum(1)  # [E]
+    below_all = held[:, :r].sum(1)  # holders with a lower id than dest_rank
+    below_node = held[:, first:r].sum(1)  # the same, on dest_rank's node
+    has_self = placement.t()  # [W, E]: source s holds e
+    k_near = per_node[:, node].t()  # [W, E]: holders on s's node
+    has_near = k_near > 0
+    k = torch.where(has_self, 1, torch.where(has_near, k_near, holders[None, :]))
+    _raise_unplaced(counts, k)
+    r_holds = placement[:, r][None, :]  # [1, E]
+    as_self = has_self & (source == r)[:, None]
+    as_near = ~has_self & has_near & (node == r // ranks_per_node)[:, None] & r_holds
+    as_any = ~has_self & ~has_near & r_holds
+    index = torch.where(as_near, below_node[None, :], below_all[None, :])
+    index = torch.where(as_self, 0, index)
+    start = source[:, None] % k.clamp_min(1)
+    dealt = _dealt(counts, k, index, start)
+    return torch.where(as_self | as_near | as_any, dealt, 0)
