@@ -21,8 +21,9 @@ TORCHRUN_SH = REPO / "launchers" / "torchrun.sh"
 SLURM_SBATCH = REPO / "launchers" / "slurm.sbatch"
 ENV_KEY = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
-# torch 2.11's torchrun has no --shutdown-timeout: the launcher leaves it out there.
-GRACE = ["--shutdown-timeout", "60"] if torchrun_has_shutdown_timeout() else []
+# torch 2.11's torchrun has no --shutdown-timeout: the launcher leaves it out for its own interpreter
+# there (an interpreter it does not run, like "py" below, is assumed to be newer).
+GRACE = ["--shutdown-timeout", "60"]
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not available")
 
@@ -41,6 +42,7 @@ def test_single_node_standalone() -> None:
 def test_default_python_is_current_interpreter() -> None:
     argv, _ = build_torchrun_command(LaunchSpec(nproc_per_node=1), [])
     assert argv[0] == sys.executable
+    assert ("--shutdown-timeout" in argv) == torchrun_has_shutdown_timeout()  # what this torch's torchrun takes
 
 
 def test_multi_node_c10d() -> None:

@@ -150,7 +150,8 @@ def build_torchrun_command(spec: LaunchSpec, job_args: list[str]) -> tuple[list[
             "--rdzv-id", spec.rdzv_id,
             "--max-restarts", str(spec.max_restarts),
         ]  # fmt: skip
-    if spec.shutdown_timeout and torchrun_has_shutdown_timeout():
+    # Another interpreter's torch is not inspected here: launchers/torchrun.sh asks its torchrun instead.
+    if spec.shutdown_timeout and (spec.python != sys.executable or torchrun_has_shutdown_timeout()):
         argv += ["--shutdown-timeout", str(spec.shutdown_timeout)]
     argv += ["-m", spec.module, *job_args]
     return argv, env
