@@ -175,7 +175,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.world_list = [int(x) for x in str(args.nproc).split(",") if x.strip()]
     args.save_list = [s.strip() for s in args.save_systems.split(",") if s.strip()]
     args.load_list = [s.strip() for s in args.load_systems.split(",") if s.strip()]
+    args.skipped = {}
+    reason = dcp_tuned_unsupported()
+    if reason and "dcp_tuned" in args.save_list:
+        if args.save_systems != p.get_default("save_systems") or args.load_systems != p.get_default("load_systems"):
+            p.error(f"dcp_tuned: {reason}")
+        # the default lists: DCP default takes the tuned one's place in the loads
+        args.save_list.remove("dcp_tuned")
+        args.load_list = ["dcp" if x == "dcp_tuned" else x for x in args.load_list]
+        args.skipped["dcp_tuned"] = reason
     return args
+
+
+def dcp_tuned_unsupported() -> str | None:
+    """Why the tuned DCP configuration cannot run with this torch, or ``None`` when it can."""
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if (major, minor) < (2, 13):
+        return (f"torch {torch.__version__}: DCP's DefaultStager fails staging a DTensor (KeyError in its deepcopy; "
+                "seen with torch 2.11, works with 2.13)")
+    return None
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -1173,6 +1191,7 @@ def write_results(args: argparse.Namespace, worlds_raw: dict[int, dict[str, Any]
         "description": "resharding checkpoint save/load: system.checkpoint vs torch.distributed.checkpoint (default, tuned)",
         "provenance": provenance(["fsspec"]),
         "config": config,
+        "skipped_systems": args.skipped,
         "method": {
             "state": "MoETransformer.init_weights(seed) + EP over all ranks; AdamW moments from ensure_optimizer_state "
             "then a random fill seeded by (name, global offsets); sharded_train_state describes it for ours, DTensor "
