@@ -336,14 +336,16 @@ PEER_PACKAGES = ("torch", "numpy", "deepspeed", "megatron-core", "accelerate", "
 def provenance(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
     """The stamp of a result file: commit, command, package versions, CRC implementation, host.
 
-    ``dirty`` is true when tracked files differ from the commit (the numbers then belong to no commit).
+    ``dirty`` is true when tracked files outside ``benchmarks/results/`` differ from the commit (the numbers
+    then belong to no commit).
     ``command`` is this process's command line as run from the repository root.
     """
     from system.checkpoint.checksum import IMPLEMENTATION
 
     return {
         "commit": _git("rev-parse", "HEAD") or None,
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # result files written earlier in the same regeneration are not code: they do not make the tree dirty
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")),
         "command": " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv]),
         "versions": package_versions(list(PEER_PACKAGES) + list(extra_packages)),
         "crc32_implementation": IMPLEMENTATION,
