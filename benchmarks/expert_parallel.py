@@ -80,11 +80,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.moe_layer_peers import SwiGLU  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     NumericalDisagreement,
     Stopwatch,
@@ -555,19 +555,6 @@ class DeepSpeedFFN(nn.Module):
         return out
 
 
-class SwiGLU(nn.Module):
-    """One dense SwiGLU expert ``w2(silu(w1 x) * w3 x)``, bias-free (the DeepSpeed expert)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 def deepspeed_kwargs(spec: Spec, args: argparse.Namespace, world: int) -> dict[str, Any]:
     """``deepspeed.moe.layer.MoE`` arguments: dropless matched configuration, or its defaults with a capacity factor."""
     from deepspeed.moe.layer import MoE
@@ -741,7 +728,7 @@ def _replace_ffns_by_deepspeed(s: Setup, spec: Spec, system: System) -> None:
         with contextlib.ExitStack() as stack:  # DeepSpeed prints group creation to stdout
             sink = sys.stderr if s.rank == 0 else stack.enter_context(open(os.devnull, "w"))
             stack.enter_context(contextlib.redirect_stdout(sink))
-            moe = MoE(expert=SwiGLU(a.dim, a.expert_dim), **kwargs)
+            moe = MoE(expert=SwiGLU(a.dim, a.expert_dim), **kwargs)  # the expert moe_layer.py gives DeepSpeed
             moe.set_deepspeed_parallelism()  # deepspeed.initialize() normally does this
         ds = moe.deepspeed_moe
         ep_rank = dist.get_rank(group=ds.ep_group)
