@@ -66,3 +66,31 @@ def run_workers(fn, world: int, *args, timeout: float = 300.0) -> list:
                 raise RuntimeError(f"rank {r} failed:\n{data['error']}")
             results.append(data["result"])
         return results
+
+
+def full_grads(model) -> dict:
+    """Every parameter's gradient in its single-device name and global shape (a collective over the ranks
+    that hold parts of it), read from the layout records: FSSDP rows gathered from their owners, DTensors with
+    ``full_tensor()``, plain sharded blocks gathered over their shard group."""
+    from torch.distributed.tensor import DTensor
+
+    from system.checkpoint.model_io import gather_box
+    from system.parallel.layout import layout_of
+
+    out = {}
+    for name, p in model.named_parameters():
+        g, lay = p.grad, layout_of(p)
+        if lay.rows is not None:  # FSSDP: gather the owners' rows into the global [E, ...] layout
+            module = lay.rows.module
+            saved = module.owned.data
+            module.owned.data = g
+            for wname, w in lay.rows.full_weights().items():
+                out[name.rpartition(".")[0] + "." + wname] = w.clone()
+            module.owned.data = saved
+            continue
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        elif lay.offsets is not None and tuple(g.shape) != tuple(lay.global_shape):
+            g = gather_box(g, lay)
+        out[name] = g.detach().clone()
+    return out

@@ -28,26 +28,9 @@ PARAM_RTOL = 5e-5
 
 
 def _full_grads(model, mesh) -> dict[str, torch.Tensor]:
-    from system.checkpoint.model_io import _expert_owner
-    from system.parallel.expert_parallel import gather_experts
+    from tests._dist import full_grads
 
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        if name.endswith(".owned"):  # FSSDP: gather the owners' rows into the global [E, ...] layout
-            module = model.get_submodule(name.rpartition(".")[0])
-            saved = module.owned.data
-            module.owned.data = g
-            for wname, w in module.full_weights().items():
-                out[name.rpartition(".")[0] + "." + wname] = w.clone()
-            module.owned.data = saved
-            continue
-        if isinstance(g, DTensor):
-            g = g.full_tensor()
-        elif _expert_owner(model, name) is not None:
-            g = gather_experts(g, mesh)
-        out[name] = g.detach().clone()
-    return out
+    return full_grads(model)
 
 
 def _distributed_run(rank: int, world: int, names: list[str]) -> dict:

@@ -30,8 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from system.checkpoint.errors import CheckpointError, ExportTargetError, ModelFileError, ModelNotFoundError
 from system.checkpoint.storage import apply_umask, fsync_path, swap_in_dir
-from system.moe.experts import ExpertModule
-from system.parallel.expert_parallel import gather_experts
+from system.parallel.layout import FSSDPRows, ParamLayout, has_layout, named_layouts, single_process_layout
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -41,40 +40,53 @@ carrying it (and holding nothing beyond ``files``) may be replaced by a later ex
 EXPORT_PRODUCER = "moe-system"
 
 
-def _fssdp_owner(model: nn.Module, name: str):
-    """The FSSDP experts module whose ``owned`` buffer ``name`` is, else None."""
-    module_name, _, leaf = name.rpartition(".")
-    if leaf != "owned":
-        return None
-    module = model.get_submodule(module_name)
-    return module if hasattr(module, "full_weights") else None
-
-
-def _expert_owner(model: nn.Module, name: str) -> ExpertModule | None:
-    module_name, _, _ = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    return module if isinstance(module, ExpertModule) else None
+def _layouts(model: nn.Module) -> dict[str, ParamLayout]:
+    """``{fqn: layout record}`` of every parameter (a model never parallelised is recorded as held whole)."""
+    if not all(has_layout(p) for p in model.parameters()):
+        single_process_layout(model)
+    return {name: lay for name, _, lay in named_layouts(model)}
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, mesh: DeviceMesh) -> dict[str, torch.Tensor]:
+def gather_box(local: torch.Tensor, lay: ParamLayout) -> torch.Tensor:
+    """The global tensor ``lay.global_shape`` assembled from the equal-shaped blocks the ranks of
+    ``lay.shard_group`` hold at their ``lay.offsets`` (a collective over that group)."""
+    local = local.detach().contiguous()
+    if lay.shard_group is None or dist.get_world_size(lay.shard_group) == 1:
+        return local.clone()
+    n = dist.get_world_size(lay.shard_group)
+    blocks = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(blocks, local, group=lay.shard_group)
+    offs = torch.tensor(lay.offsets, dtype=torch.int64, device=local.device)
+    all_offs = [torch.empty_like(offs) for _ in range(n)]
+    dist.all_gather(all_offs, offs, group=lay.shard_group)
+    full = local.new_empty(lay.global_shape)
+    for block, off in zip(blocks, all_offs):
+        full[tuple(slice(o, o + s) for o, s in zip(off.tolist(), block.shape))] = block
+    return full
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
     """Global-shape CPU tensors of every parameter and persistent buffer (a collective: call on all ranks).
 
-    Expert weights are all-gathered over ``mesh["ep"]`` into ``[E, ...]``; FSDP2 DTensors are
-    gathered with ``full_tensor()``.
+    Read from each parameter's layout record: FSSDP rows gathered from their owners into ``[E, ...]``,
+    DTensors (FSDP2, TP) with ``full_tensor()``, expert-parallel blocks all-gathered over their shard group
+    (:func:`gather_box`). ``mesh`` is unused (kept for callers of the earlier signature).
     """
+    layouts = _layouts(model)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        fssdp = _fssdp_owner(model, name)
-        if fssdp is not None:
+        lay = layouts.get(name)
+        if lay is not None and lay.rows is not None:
             prefix = name.rpartition(".")[0]
-            for wname, w in fssdp.full_weights().items():
+            for wname, w in lay.rows.full_weights().items():
                 out[f"{prefix}.{wname}"] = w.detach().to("cpu").contiguous()
             continue
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
-        elif _expert_owner(model, name) is not None:
-            tensor = gather_experts(tensor, mesh)
+        elif lay is not None and lay.offsets is not None and tuple(tensor.shape) != tuple(lay.global_shape):
+            tensor = gather_box(tensor, lay)
         out[name] = tensor.detach().to("cpu").contiguous()
     return out
 
@@ -308,11 +320,13 @@ def open_weights(model: nn.Module, path: str | Path):
     if is_hf_folder(path):
         from system.hf.weights import HFCheckpoint
 
-        shapes = {name: _global_shape(model, name, t) for name, t in model.state_dict().items()
-                  if _fssdp_owner(model, name) is None}
-        for name, fssdp in _fssdp_modules(model):
-            for wname, per_expert in fssdp.kind.layout:
-                shapes[f"{name}.{wname}"] = (fssdp.num_global_experts, *per_expert)
+        layouts = _layouts(model)
+        shapes = {name: _global_shape(layouts.get(name), t) for name, t in model.state_dict().items()
+                  if layouts.get(name) is None or layouts[name].rows is None}
+        for name, lay in layouts.items():
+            if lay.rows is not None:
+                for wname, per_expert in lay.rows.layout:
+                    shapes[f"{name.rpartition('.')[0]}.{wname}"] = (lay.rows.num_experts, *per_expert)
         return HFCheckpoint(path, model.cfg, model.moe_cfg, expected=shapes)
     file = Path(path) / MODEL_FILE
     if not file.is_file():
@@ -321,16 +335,9 @@ def open_weights(model: nn.Module, path: str | Path):
     return SafetensorsReader(file)
 
 
-def _fssdp_modules(model: nn.Module):
-    for name, module in model.named_modules():
-        if hasattr(module, "full_weights") and hasattr(module, "owned"):
-            yield name, module
-
-
-def _global_shape(model: nn.Module, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
-    owner = _expert_owner(model, name)
-    if owner is not None:
-        return (owner.num_global_experts,) + tuple(tensor.shape[1:])
+def _global_shape(lay: ParamLayout | None, tensor: torch.Tensor) -> tuple[int, ...]:
+    if lay is not None and lay.offsets is not None:
+        return tuple(lay.global_shape)
     return tuple(tensor.shape)
 
 
@@ -383,26 +390,37 @@ def load_weights(model: nn.Module, reader) -> None:
     start)`` (rows ``[start, start + len(dst))`` of axis 0) and ``__contains__``.
     """
     where = getattr(reader, "file", None) or getattr(reader, "path", "")
+    layouts = _layouts(model)
     for name, target in model.state_dict().items():
-        fssdp = _fssdp_owner(model, name)
-        if fssdp is not None:
-            _load_fssdp_rows(reader, where, name.rpartition(".")[0], fssdp, target)
+        lay = layouts.get(name)
+        if lay is not None and lay.rows is not None:
+            _load_fssdp_rows(reader, where, name.rpartition(".")[0], lay.rows, target)
             continue
         if name not in reader:
             if name.endswith(OPTIONAL_TENSORS):
                 continue
             raise KeyError(f"tensor {name!r} missing from {where}")
         saved_shape = _saved_shape(reader, name)
-        owner = _expert_owner(model, name)
-        if owner is not None:
-            _check_shape(name, where, saved_shape, (owner.num_global_experts,) + tuple(target.shape[1:]))
-            reader.read_into(name, target, start=owner.expert_offset)
-        elif isinstance(target, DTensor):
+        if isinstance(target, DTensor):
             _check_shape(name, where, saved_shape, tuple(target.shape))
             _load_dtensor(reader, name, target)
+        elif lay is not None and lay.offsets is not None:
+            _check_shape(name, where, saved_shape, tuple(lay.global_shape))
+            _read_box(reader, name, target, lay.offsets, tuple(lay.global_shape))
         else:
             _check_shape(name, where, saved_shape, tuple(target.shape))
             reader.read_into(name, target)
+
+
+def _read_box(reader, name: str, target: torch.Tensor, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> None:
+    """Fill ``target`` with the block of tensor ``name`` at ``offsets``: its rows read directly when the block
+    spans every other dimension, else those rows read whole and sliced."""
+    if tuple(target.shape[1:]) == tuple(global_shape[1:]) and not any(offsets[1:]):
+        reader.read_into(name, target, start=offsets[0])
+        return
+    rows = torch.empty((target.shape[0], *global_shape[1:]), dtype=target.dtype)
+    reader.read_into(name, rows, start=offsets[0])
+    target.copy_(rows[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offsets[1:], target.shape[1:]))])
 
 
 def _saved_shape(reader, name: str) -> tuple[int, ...]:
@@ -426,12 +444,12 @@ def _load_dtensor(reader, name: str, target: DTensor) -> None:
     local.copy_(distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local())
 
 
-def _load_fssdp_rows(reader, where, prefix: str, module, target: torch.Tensor) -> None:
+def _load_fssdp_rows(reader, where, prefix: str, rows: FSSDPRows, target: torch.Tensor) -> None:
     """Fill an FSSDP owned buffer ``[n_owned, P]`` from the saved global expert tensors (kind's layout)."""
-    num = module.num_global_experts
-    owned = module.state.ownership.owned(module.state.rank).tolist()
+    num = rows.num_experts
+    owned = rows.owned()
     offset = 0
-    for wname, per_expert in module.kind.layout:
+    for wname, per_expert in rows.layout:
         key = f"{prefix}.{wname}"
         if key not in reader:
             raise KeyError(f"tensor {key!r} missing from {where}")

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from system.checkpoint.sharding import Shard, ShardedEntry
-from system.moe.experts import ExpertModule
+from system.parallel.layout import FSSDPRows, dtensor_box, has_layout, named_layouts, single_process_layout
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -61,59 +61,47 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dtensor_pieces(name: str, p: DTensor) -> list[Piece]:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    shape, offset = dtensor_box(p)
     if any(s == 0 for s in shape) and p.dim() > 0:
         return [Piece(name, tuple(p.shape), [])]
     return [Piece(name, tuple(p.shape), [(lambda t: _local(t), tuple(offset))])]
 
 
-def _fssdp_pieces(prefix: str, module: nn.Module) -> list[Piece]:
-    st = module.state
-    e_total = module.num_global_experts
-    owned = st.ownership.owned(st.rank).tolist()
+def _fssdp_pieces(prefix: str, rows: FSSDPRows) -> list[Piece]:
+    owned = rows.owned()
     pieces, start = [], 0
-    for wname, shape in module.kind.layout:
+    for wname, shape in rows.layout:
         width = math.prod(shape)
         boxes = []
         for row, expert in enumerate(owned):
             def slicer(t, row=row, start=start, width=width, shape=shape):
                 return _local(t)[row, start : start + width].view(1, *shape)
             boxes.append((slicer, (int(expert),) + (0,) * len(shape)))
-        pieces.append(Piece(f"{prefix}.{wname}", (e_total, *shape), boxes))
+        pieces.append(Piece(f"{prefix}.{wname}", (rows.num_experts, *shape), boxes))
         start += width
     return pieces
 
 
 def parameter_pieces(model: nn.Module) -> list[tuple[nn.Parameter, list[Piece]]]:
-    """Every trainable parameter of ``model`` with the global tensors it holds boxes of.
+    """Every trainable parameter of ``model`` with the global tensors it holds boxes of, read from its layout
+    record (:class:`~system.parallel.layout.ParamLayout`; a model never parallelised is recorded as held
+    whole first).
 
     Returns:
         ``(parameter, pieces)`` in ``model.named_parameters()`` order.
-
-    Raises:
-        TypeError: an expert module of an unknown kind.
     """
-    modules = dict(model.named_modules())
+    if not all(has_layout(p) for p in model.parameters()):
+        single_process_layout(model)
     out = []
-    for name, p in model.named_parameters():
-        prefix, _, leaf = name.rpartition(".")
-        owner = modules.get(prefix)
-        if owner is not None and hasattr(owner, "full_weights") and leaf == "owned":
-            out.append((p, _fssdp_pieces(prefix, owner)))
-        elif isinstance(owner, ExpertModule):
-            e_local = p.shape[0]
-            shape = (owner.num_global_experts, *p.shape[1:])
-            offsets = (owner.expert_offset,) + (0,) * (p.dim() - 1)
-            if e_local == owner.num_global_experts:
-                out.append((p, [Piece(name, shape, None)]))
-            else:
-                out.append((p, [Piece(name, shape, [(lambda t: _local(t), offsets)])]))
+    for name, p, lay in named_layouts(model):
+        if lay.rows is not None:
+            out.append((p, _fssdp_pieces(name.rpartition(".")[0], lay.rows)))
         elif isinstance(p, DTensor):
             out.append((p, _dtensor_pieces(name, p)))
-        else:
+        elif lay.offsets is None or tuple(p.shape) == tuple(lay.global_shape):  # held whole
             out.append((p, [Piece(name, tuple(p.shape), None)]))
+        else:
+            out.append((p, [Piece(name, lay.global_shape, [(lambda t: _local(t), lay.offsets)])]))
     return out
 
 

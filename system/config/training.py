@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -37,6 +38,16 @@ class TrainingConfig:
                   "in a fixed order instead of by atomic index_add on CUDA; some kernels get slower. Off: CUDA "
                   "atomics and multithreaded CPU scatter-adds may change the last bits from run to run "
                   "(see system.train.determinism)."},
+    )
+    activation_checkpoint: Literal["none", "full", "selective"] = field(
+        default="none",
+        metadata={"help": "Activation checkpointing per transformer block: none; full (recompute each block in "
+                  "backward); selective (TorchTitan's op-level policy: keep matmul and attention outputs, "
+                  "recompute the rest)."},
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each transformer block (inductor; CPU needs a C compiler)."},
     )
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the greedy sample printed at the end."})
     sample_tokens: int = field(default=64, metadata={"help": "Tokens of the greedy sample (0 disables it)."})

@@ -296,7 +296,7 @@ class MoETransformer(nn.Module):
         std = self.cfg.init_std
         out_std = expert_init_std(std, self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for block in self.layers:
+        for block in self.blocks():
             block.attention.init_weights(std, out_std)
             (block.moe or block.mlp).init_weights(std, out_std)
             block.attention_norm.reset_parameters()
@@ -309,17 +309,28 @@ class MoETransformer(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers, in depth order."""
-        return [b.moe for b in self.layers if b.moe is not None]
+        return [b.moe for b in self.blocks() if b.moe is not None]
+
+    def blocks(self) -> list[Block]:
+        """The transformer blocks this model holds, in depth order: all of them, or a pipeline stage's
+        (``layers`` is then a ``ModuleDict`` keyed by the original block index, so parameter names do not change)."""
+        return list(self.layers.values()) if isinstance(self.layers, nn.ModuleDict) else list(self.layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` int64 ``[B, S]`` (``S <= max_seq_len``) -> logits ``[B, S, V]``."""
+        """``tokens`` int64 ``[B, S]`` (``S <= max_seq_len``) -> logits ``[B, S, V]``.
+
+        A pipeline stage (:mod:`system.parallel.pp`) without the embedding (``tok_embeddings`` None) takes hidden
+        states ``[B, S, d]`` instead of tokens, and one without the head (``norm`` None) returns hidden states.
+        """
         seq = tokens.shape[1]
         if seq > self.rope.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len {self.rope.shape[0]}")
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = self.rope[:seq]
-        for block in self.layers:
+        for block in self.blocks():
             h = block(h, rope)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
@@ -327,7 +338,7 @@ class MoETransformer(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """Sum over MoE layers of ``aux_loss_coef * aux + z_loss_coef * z`` of the latest forward."""
-        total = torch.zeros((), device=self.tok_embeddings.weight.device)
+        total = torch.zeros((), device=self.rope.device)
         for moe in self.moe_layers():
             if moe.last_stats is None:
                 raise RuntimeError("aux_loss() called before forward()")

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from system.parallel.params import split_parameters
+from system.parallel.layout import layout_of, local_tensor
 
 
 def _sq_norm(g: torch.Tensor) -> torch.Tensor:
@@ -95,51 +95,64 @@ def clip_by_global_norm_(local: list[torch.Tensor], summed: list[tuple[torch.Ten
     return total
 
 
-@torch.no_grad()
-def sync_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Average gradients as data parallelism requires, in place.
+def _group_key(group) -> int:
+    return id(group)
 
-    - Dense parameters that are plain tensors (replicated): all-reduce over all ranks, divide by W.
-      FSDP2-sharded dense parameters (DTensors) were already reduce-scattered and are skipped.
-    - Expert parameters: all-reduce over the ``dp`` mesh dimension (replicas of the same experts),
-      divide by W.
-    - FSSDP owned expert rows: SparseReduceScatter already summed every copy's gradient on the
-      owner during backward; divide by W.
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
+    """Turn each rank's local gradients into the gradient of the global mean loss, in place.
+
+    Reads only each parameter's layout record (:class:`~system.parallel.layout.ParamLayout`): the local
+    gradient (a DTensor's local part) is summed over the record's ``grad_group`` (one flattened bucket per
+    group and dtype) and divided by its ``grad_divisor``. That covers every layout: replicated dense
+    parameters (all-reduce over the stage's ranks, divide by the data-parallel streams), tensor-parallel
+    DTensors (DTensor already reduced over ``tp``; all-reduce over the data-parallel ranks), FSDP2 DTensors
+    (already reduce-scattered and averaged: nothing), expert-parallel rows (all-reduce over the ``dp``
+    replicas; the all-to-all backward already summed the EP group's tokens), FSSDP's owned rows (summed on
+    the owner by SparseReduceScatter; divide only).
+
+    Args:
+        model: the parallelised model; every parameter has a record (``parallelize_model`` writes them).
+        mesh: unused (kept for callers of the earlier signature).
+
+    Raises:
+        LookupError: a parameter without a layout record.
     """
-    world = mesh.size()
-    split = split_parameters(model)
-    replicated = [p for p in split.dense if p.requires_grad and not isinstance(p, DTensor)]
-    if replicated and world > 1:
-        _flat_all_reduce(_ensure_grads(replicated), dist.group.WORLD, 1.0 / world)
-    expert = [p for p in split.ep_experts if p.requires_grad]
-    if expert:
-        dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
-        _flat_all_reduce(_ensure_grads(expert), dp_group, 1.0 / world)
-    owned = [p for p in split.fssdp_experts if p.requires_grad]
-    if owned:
-        _flat_all_reduce(_ensure_grads(owned), None, 1.0 / world)
+    buckets: dict[tuple[int, int], tuple[object, int, list[torch.Tensor]]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        lay = layout_of(p)
+        if lay.grad_group is None and lay.grad_divisor == 1:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        key = (_group_key(lay.grad_group), lay.grad_divisor)
+        buckets.setdefault(key, (lay.grad_group, lay.grad_divisor, []))[2].append(local_tensor(p.grad))
+    for group, divisor, grads in buckets.values():
+        _flat_all_reduce(grads, group, 1.0 / divisor)
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh | None = None, max_norm: float = 1.0) -> torch.Tensor:
     """Clip all gradients to a global L2 norm ``max_norm`` (0 disables clipping); return the norm.
 
-    The norm counts every parameter of the global model once: replicated dense gradients locally,
-    FSDP2 shards and expert rows summed over the ranks that hold them (expert rows are replicated
-    ``dp`` times, so their squares are divided by ``dp`` before the one all-reduce). Call after
+    The norm counts every parameter of the global model once, from the layout records: a gradient held
+    whole by every rank counts locally; any other block's squares are divided by the record's ``replicas``
+    (ranks holding that same block) and summed over the world in one all-reduce. Call after
     :func:`sync_gradients`.
     """
-    split = split_parameters(model)
-    dp = mesh["dp"].size()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     local: list[torch.Tensor] = []
     summed: list[tuple[torch.Tensor, int]] = []
-    for p in split.dense:
+    for p in model.parameters():
         if p.grad is None:
             continue
-        if isinstance(p.grad, DTensor):
-            summed.append((p.grad.to_local(), 1))
+        lay = layout_of(p)
+        g = local_tensor(p.grad)
+        if lay.replicas >= world and lay.kind != "fssdp":
+            local.append(g)
         else:
-            local.append(p.grad)
-    summed += [(p.grad, dp) for p in split.ep_experts if p.grad is not None]
-    summed += [(p.grad, 1) for p in split.fssdp_experts if p.grad is not None]  # one owner per expert row
-    return clip_by_global_norm_(local, summed, dist.group.WORLD if mesh.size() > 1 else None, max_norm)
+            summed.append((g, max(lay.replicas, 1)))
+    return clip_by_global_norm_(local, summed, dist.group.WORLD if world > 1 else None, max_norm)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from system.moe.experts import ExpertModule
+from system.parallel.layout import has_layout, layout_of
 
 
 @dataclass
@@ -35,21 +36,12 @@ def expert_modules(model: nn.Module) -> list[ExpertModule]:
 
 
 def split_parameters(model: nn.Module) -> ParamSplit:
-    """Split ``model``'s parameters (each once) into a :class:`ParamSplit`.
-
-    FSSDP expert modules are recognised by their ``owned`` parameter and ``state`` attribute
-    (``system.parallel.fssdp.layer.FSSDPExperts``), without importing that package here.
-    """
-    ep_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
-    fssdp_ids = {
-        id(m.owned) for m in model.modules() if hasattr(m, "owned") and hasattr(m, "state") and not isinstance(m, ExpertModule)
-    }
+    """Split ``model``'s parameters (each once) into a :class:`ParamSplit` by their layout records
+    (:mod:`system.parallel.layout`); a model never parallelised (no records) splits by module: the
+    parameters of its :class:`~system.moe.experts.ExpertModule` s are experts."""
+    expert_ids = {id(p) for m in expert_modules(model) for p in m.parameters()}
     split = ParamSplit([], [], [])
     for p in model.parameters():
-        if id(p) in ep_ids:
-            split.ep_experts.append(p)
-        elif id(p) in fssdp_ids:
-            split.fssdp_experts.append(p)
-        else:
-            split.dense.append(p)
+        kind = layout_of(p).kind if has_layout(p) else ("expert" if id(p) in expert_ids else "dense")
+        {"dense": split.dense, "expert": split.ep_experts, "fssdp": split.fssdp_experts}[kind].append(p)
     return split

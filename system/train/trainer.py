@@ -130,7 +130,7 @@ class Trainer:
         if self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(cfg.training.threads_per_rank or max(1, (os.cpu_count() or 1) // local))
-        self.dims = ParallelDims.from_config(cfg.parallel.dp, cfg.parallel.ep, self.world)
+        self.dims = ParallelDims.from_parallel_config(cfg.parallel, self.world)
         self.dims.check_experts(cfg.moe.num_experts)
         self.mesh = self.dims.build_mesh(self.device.type)
         self.amp_dtype = self._amp_dtype()
@@ -164,14 +164,14 @@ class Trainer:
         self.unigram_bits = byte_unigram_entropy(corpus.train_docs)
         self.loader = PackedLoader(
             train_tokens, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
-            rank=self.rank, world_size=self.world, seed=tcfg.seed,
+            rank=self.dims.dp_rank(self.rank), world_size=self.dims.dp_degree, seed=tcfg.seed,
         )
         self.val_tokens = val_tokens
-        global_windows = (len(val_tokens) - 1) // tcfg.seq_len // (tcfg.batch_size * self.world)
+        global_windows = (len(val_tokens) - 1) // tcfg.seq_len // (tcfg.batch_size * self.dims.dp_degree)
         if global_windows < 1:
             raise DataError(
                 f"validation split of {len(val_tokens)} tokens is shorter than one global batch "
-                f"({tcfg.batch_size} x {self.world} sequences of {tcfg.seq_len}); raise data.val_fraction"
+                f"({tcfg.batch_size} x {self.dims.dp_degree} sequences of {tcfg.seq_len}); raise data.val_fraction"
             )
         self.eval_batches = min(tcfg.eval_batches, global_windows)
 
@@ -182,7 +182,8 @@ class Trainer:
             self.model.init_weights(seed=tcfg.seed)
         self.num_params, self.active_params = self.model.num_params()
         set_moe_deterministic(self.model, cfg.training.deterministic)
-        self.fssdp = parallelize_model(self.model, self.mesh, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp)
+        self.fssdp = parallelize_model(self.model, self.dims, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp,
+                                       activation_checkpoint=tcfg.activation_checkpoint, compile=tcfg.compile)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_lr_scheduler(self.optimizer, tcfg)
 
@@ -261,8 +262,10 @@ class Trainer:
     def layout(self) -> dict:
         """The parallel layout, as recorded in checkpoints."""
         p = self.cfg.parallel
-        return {"world_size": self.world, "dp": self.dims.dp, "ep": self.dims.ep, "expert_mode": p.expert_mode,
-                "dense": p.dense, "device": self.device.type}
+        d = self.dims
+        return {"world_size": self.world, "dp": d.dp, "ep": d.ep, "expert_mode": p.expert_mode,
+                "dense": p.dense, "device": self.device.type, "pp": d.pp, "dp_replicate": d.dp_replicate,
+                "dp_shard": d.dp_shard, "tp": d.tp, "expert_tp": d.expert_tp}
 
     def _amp_dtype(self) -> torch.dtype | None:
         mode = self.cfg.training.mixed_precision
@@ -322,7 +325,7 @@ class Trainer:
         self.model.eval()
         loader = PackedLoader(
             self.val_tokens, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
-            rank=self.rank, world_size=self.world, seed=0, shuffle=False,
+            rank=self.dims.dp_rank(self.rank), world_size=self.dims.dp_degree, seed=0, shuffle=False,
         )
         total = 0.0
         batches = range(self.eval_batches)
@@ -369,7 +372,7 @@ class Trainer:
 
     def _run(self, on_step: Callable[[int, dict | None], None] | None) -> dict:
         tcfg = self.cfg.training
-        tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * self.world
+        tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * self.dims.dp_degree
         bar = None
         if self.rank == 0 and self.cfg.metrics.progress and self.step < tcfg.steps:
             from tqdm import tqdm

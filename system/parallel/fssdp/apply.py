@@ -24,6 +24,7 @@ from system.parallel.fssdp.layer import FSSDPDispatcher, FSSDPExperts, FSSDPLaye
 from system.parallel.fssdp.ownership import Ownership
 from system.parallel.fssdp.placement import LoadTracker, estimate_overlap_budget, sparse_materialization
 from system.parallel.fssdp.resharding import heterogeneous_sharding, reshard
+from system.parallel.layout import FSSDPRows, ParamLayout, layout_of, record
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ def owner_only_placement(ownership: Ownership, world_size: int) -> torch.Tensor:
     return placement
 
 
-def apply_fssdp(model: nn.Module, cfg: FSSDPConfig, group=None) -> "FSSDPController":
+def apply_fssdp(model: nn.Module, cfg: FSSDPConfig, group=None, *, grad_divisor: int | None = None) -> "FSSDPController":
     """Shard every MoE layer's experts FSSDP-style over the ranks of ``group`` (default: world).
 
     Call after the weights are initialised identically on every rank and before the optimizer is
-    built (the owned rows are new parameters).
+    built (the owned rows are new parameters). Each owned buffer's layout record
+    (:class:`~system.parallel.layout.ParamLayout`, kind ``"fssdp"``) points at its module's current
+    owners; its gradient, summed on the owner by SparseReduceScatter, is divided by ``grad_divisor``
+    (default: the ranks of ``group``, each reading its own batch).
 
     Returns:
         The :class:`FSSDPController` the training loop must call every iteration.
@@ -55,6 +59,8 @@ def apply_fssdp(model: nn.Module, cfg: FSSDPConfig, group=None) -> "FSSDPControl
             group=group, rematerialize=cfg.rematerialize,
         )
         moe.experts = FSSDPExperts(moe.experts, state)
+        record(moe.experts.owned, ParamLayout("fssdp", tuple(moe.experts.owned.shape), rows=FSSDPRows(moe.experts),
+                                              grad_divisor=grad_divisor or world))
         moe.dispatcher = FSSDPDispatcher(state, moe.num_experts)
         if world > 1:
             moe.stats_group = group if group is not None else dist.group.WORLD
@@ -140,6 +146,7 @@ class FSSDPController:
             tensors = [old_param.detach()] + [opt_state[k] for k in keys]
             moved_tensors = reshard(tensors, st.ownership, new, st.group)
             new_param = nn.Parameter(moved_tensors[0].clone(), requires_grad=old_param.requires_grad)
+            record(new_param, layout_of(old_param).with_(global_shape=tuple(new_param.shape)))
             experts.owned = new_param
             if optimizer is not None:
                 for group in optimizer.param_groups:
