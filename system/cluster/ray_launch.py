@@ -198,7 +198,11 @@ def check_storage_writable(url: str) -> None:
 def _check_layout(cfg: JobConfig, lo: int, hi: int, spec: RayLaunchSpec) -> None:
     size = f"--num-nodes {spec.num_nodes} x --workers-per-node {spec.workers_per_node}"
     p = cfg.parallel
-    if p.dp != -1 and p.dp * p.ep != hi:
+    if p.pp > 1 or p.tp > 1 or p.dp_replicate > 1 or p.dp_shard != -1 or p.expert_tp:
+        from system.train.preflight import check_world
+
+        check_world(cfg, range(lo, hi + 1), size)
+    elif p.dp != -1 and p.dp * p.ep != hi:
         raise ValueError(
             f"parallel.dp={p.dp} x parallel.ep={p.ep} = {p.dp * p.ep} ranks, but {size} = {hi} workers; "
             f"set --parallel.dp={hi // p.ep if hi % p.ep == 0 else -1} (or -1: derived) or change the worker count"

@@ -45,7 +45,31 @@ class JobConfig:
                 f"parallel.expert_mode='fssdp' shards every expert over all ranks and needs parallel.ep=1, "
                 f"got parallel.ep={self.parallel.ep}; use expert_mode='ep' for expert parallelism"
             )
+        self._check_model_parallel()
         if self.training.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"training.seq_len ({self.training.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+
+    def _check_model_parallel(self) -> None:
+        """The divisibility rules of tensor and pipeline parallelism, checked once from the config (every rank
+        would otherwise fail in its own way after the model is built).
+
+        Raises:
+            ValueError: naming the model key and ``parallel.tp`` / ``parallel.pp`` it does not divide by.
+        """
+        p, m = self.parallel, self.model
+        if p.tp > 1:
+            sizes = [("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads or m.n_heads),
+                     ("model.ffn_dim", m.ffn_dim)]
+            if m.vocab_size and p.loss_parallel:
+                sizes.append(("model.vocab_size", m.vocab_size))
+            if p.expert_tp:
+                sizes.append(("moe.expert_dim", self.moe.expert_dim))
+            for key, value in sizes:
+                if value % p.tp:
+                    raise ValueError(f"{key}={value} does not divide by the tensor-parallel degree parallel.tp={p.tp}")
+        stages = p.pp * p.stages_per_rank()
+        if p.pp > 1 and m.n_layers < stages:
+            raise ValueError(f"model.n_layers={m.n_layers} is fewer than the pipeline's parallel.pp={p.pp} x "
+                             f"{p.stages_per_rank()} stages per rank = {stages} stages")

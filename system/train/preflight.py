@@ -52,7 +52,8 @@ def _is_local(url: str) -> bool:
 
 
 def check_world(cfg: JobConfig, world_sizes: Sequence[int], how: str) -> None:
-    """Every world size the launch can have must fit ``parallel.dp x parallel.ep``.
+    """Every world size the launch can have must fit the parallel degrees (``pp x dp_replicate x dp_shard x tp``,
+    expert parallelism folded onto them; :class:`~system.distributed.ParallelDims` decides).
 
     Args:
         world_sizes: the possible world sizes (one, or every size of an elastic range).
@@ -61,16 +62,21 @@ def check_world(cfg: JobConfig, world_sizes: Sequence[int], how: str) -> None:
     Raises:
         ConfigError: naming the degrees, the world size and how it was given.
     """
+    from system.distributed.parallel_dims import ParallelDims
+
     p = cfg.parallel
     for world in world_sizes:
-        if p.dp == -1:
-            if world % p.ep:
-                raise ConfigError(f"{how} = {world} ranks does not divide by parallel.ep={p.ep}")
-        elif p.dp * p.ep != world:
+        if p.dp == -1 and p.pp == p.tp == 1 and p.dp_shard == -1 and p.dp_replicate == 1 and world % p.ep:
+            raise ConfigError(f"{how} = {world} ranks does not divide by parallel.ep={p.ep}")
+        if p.dp != -1 and p.pp == p.tp == 1 and not p.expert_tp and p.dp * p.ep != world:
             raise ConfigError(
                 f"parallel.dp={p.dp} x parallel.ep={p.ep} = {p.dp * p.ep} ranks, but {how} = {world} ranks; "
                 f"set --parallel.dp -1 (derived) or change the process count"
             )
+        try:
+            ParallelDims.from_parallel_config(p, world)
+        except ConfigError as e:
+            raise ConfigError(f"{how} = {world} ranks: {e}") from None
 
 
 def check_devices(cfg: JobConfig, nproc_per_node: int) -> None:

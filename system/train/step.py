@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from system.moe.balance import update_expert_bias
 from system.parallel.grads import clip_grad_norm_, sync_gradients
@@ -96,9 +98,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         with ctx:
             logits = model(inputs)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        aux = model.aux_loss()
-        ((ce + aux) / n).backward()
+        with loss_parallel() if isinstance(logits, DTensor) else contextlib.nullcontext():
+            # Tensor parallelism hands vocabulary-sharded logits (Shard(-1)): cross-entropy without gathering them.
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if isinstance(ce, DTensor):
+                ce = ce.full_tensor()
+            aux = model.aux_loss()
+            ((ce + aux) / n).backward()
         sums[0] += ce.detach().double()
         for i, moe in enumerate(moe_layers):
             st = moe.last_stats
