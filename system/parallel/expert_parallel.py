@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from system.moe.dispatch import AllToAllDispatcher
+from system.moe.hierarchical_a2a import build_ep_dispatcher
 from system.moe.layer import MoELayer
 from system.parallel.layout import ParamLayout, Replicate, Shard, record
 
@@ -84,18 +84,9 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh, *, grad_divisor: int | None = N
                 grad_group=dp_group, grad_divisor=divisor, shard_group=ep_mesh.get_group() if ep > 1 else None,
             ))
         if ep > 1:
-            moe.dispatcher = _ep_dispatcher(ep_mesh, num, a2a, ranks_per_node)
+            moe.dispatcher = build_ep_dispatcher(ep_mesh, num, a2a, ranks_per_node)
         if stats is not None:
             moe.stats_group = stats
-
-
-def _ep_dispatcher(ep_mesh: DeviceMesh, num_experts: int, a2a: str, ranks_per_node: int):
-    """The all-to-all dispatcher ``parallel.a2a`` names, over the 1-D EP mesh."""
-    if a2a == "flat":
-        return AllToAllDispatcher(ep_mesh.get_group(), num_experts)
-    from system.moe.hierarchical_a2a import build_ep_dispatcher
-
-    return build_ep_dispatcher(ep_mesh, num_experts, a2a, ranks_per_node)
 
 
 def expert_rows(num_experts: int, ep: int, ep_rank: int) -> tuple[int, int]:

@@ -45,16 +45,23 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
     """
     dp_mesh = _dp_mesh(mesh)
     ignored = {p for p in model.parameters() if has_layout(p) and layout_of(p).kind != "dense"}
+    # Plain dense parameters whose gradient was summed over more ranks than FSDP2 reduces over (an MoE router
+    # under tensor parallelism sees other tokens on each "tp" rank): the sum over "tp" is left to the record.
+    beyond_dp = {name for name, p in model.named_parameters() if p not in ignored and not isinstance(p, DTensor)
+                 and has_layout(p) and layout_of(p).grad_group is not None
+                 and dist.get_world_size(layout_of(p).grad_group) > dp_mesh.size()}
+    names = mesh.mesh_dim_names or ()
+    tp_group = mesh["tp"].get_group() if "tp" in names and mesh["tp"].size() > 1 else None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = model.blocks() if hasattr(model, "blocks") else list(model.layers)
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, ignored_params=ignored, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, ignored_params=ignored, mp_policy=mp)
     world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p in ignored or not isinstance(p, DTensor):
             continue
         prior = getattr(p, "_moesys_layout", None)
         kind = prior.kind if prior is not None else "dense"
-        record(p, ParamLayout(kind, tuple(p.shape), replicas=dtensor_replicas(p, world, pp), grad_group=None,
-                              grad_divisor=1))
+        record(p, ParamLayout(kind, tuple(p.shape), replicas=dtensor_replicas(p, world, pp),
+                              grad_group=tp_group if name in beyond_dp else None, grad_divisor=1))
