@@ -19,24 +19,25 @@ def expected_bytes(path, model) -> int:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from system.checkpoint.model_io import _expert_owner, _fssdp_owner, open_weights
+    from system.checkpoint.model_io import open_weights
+    from system.parallel.layout import has_layout, layout_of
 
     reader = open_weights(model, path)
+    params = dict(model.named_parameters())
     total = 0
     for name, t in model.state_dict().items():
-        fssdp = _fssdp_owner(model, name)
-        if fssdp is not None:
-            owned = fssdp.state.ownership.owned(fssdp.state.rank).tolist()
+        lay = layout_of(params[name]) if name in params and has_layout(params[name]) else None
+        if lay is not None and lay.rows is not None:
+            owned = lay.rows.owned()
             prefix = name.rpartition(".")[0]
-            for wname, _ in fssdp.kind.layout:
+            for wname, _ in lay.rows.layout:
                 total += sum(reader.sources[f"{prefix}.{wname}"].pieces[e].nbytes for e in owned)
             continue
         if name not in reader:
             continue
         src = reader.sources[name]
-        owner = _expert_owner(model, name)
-        if owner is not None:
-            total += sum(p.nbytes for p in src.pieces[owner.expert_offset: owner.expert_offset + t.shape[0]])
+        if lay is not None and lay.offsets is not None:
+            total += sum(p.nbytes for p in src.pieces[lay.offsets[0]: lay.offsets[0] + t.shape[0]])
         elif isinstance(t, DTensor) and t.dim():
             shape, _ = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
             total += src.nbytes // src.shape[0] * shape[0]
