@@ -92,15 +92,18 @@ def full_state_dict(model: nn.Module, mesh: DeviceMesh | None = None) -> dict[st
 
 
 def save_model(model: nn.Module, mesh: DeviceMesh, path: str | Path, config: dict, *,
-               overwrite: bool = False) -> Path | None:
+               overwrite: bool = False, pp_group=None) -> Path | None:
     """Write ``path/model.safetensors`` and ``path/config.json`` (a collective; rank 0 writes).
 
     Args:
-        model: the (possibly parallelised) model.
+        model: the (possibly parallelised) model, or under pipeline parallelism this rank's stages
+            (:class:`~system.parallel.pp.PipelineParts`).
         mesh: the ``("dp", "ep")`` mesh.
         path: destination folder (see :func:`write_model` for what may already be there).
         config: the job config as a plain dict (saved for inference and resuming).
         overwrite: replace an earlier export at ``path`` (never anything else).
+        pp_group: under pipeline parallelism, this rank's pp process group: the stages' tensors of the
+            ranks in rank 0's pp group (one rank of every stage) are gathered to rank 0.
 
     Returns:
         The folder on rank 0, ``None`` on other ranks.
@@ -110,6 +113,8 @@ def save_model(model: nn.Module, mesh: DeviceMesh, path: str | Path, config: dic
             still reach the barrier, so none is left waiting).
     """
     tensors = full_state_dict(model, mesh)
+    if pp_group is not None:
+        tensors = _gather_stages(tensors, pp_group)
     result, error = None, None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -121,6 +126,18 @@ def save_model(model: nn.Module, mesh: DeviceMesh, path: str | Path, config: dic
     if error is not None:
         raise error
     return result
+
+
+def _gather_stages(tensors: dict[str, torch.Tensor], pp_group) -> dict[str, torch.Tensor]:
+    """Rank 0's pp group holds one rank of every pipeline stage: their (CPU) tensors are pickled to rank 0
+    (``gather_object``) and merged there; other ranks keep their own."""
+    if dist.get_process_group_ranks(pp_group)[0] != 0:
+        return tensors
+    parts = [None] * dist.get_world_size(pp_group) if dist.get_rank() == 0 else None
+    dist.gather_object(tensors, parts, dst=0, group=pp_group)
+    if parts is None:
+        return tensors
+    return {name: t for part in parts for name, t in part.items()}
 
 
 def _read_marker(path: Path) -> dict | None:

@@ -21,8 +21,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from system.moe.balance import update_expert_bias
 from system.parallel.grads import clip_grad_norm_, sync_gradients
+from system.parallel.pp import Pipeline
 
-__all__ = ["LocalStepStats", "train_step"]
+__all__ = ["LocalStepStats", "pipeline_train_step", "train_step"]
 
 
 @dataclass
@@ -135,4 +136,58 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
         loss=ce_sum / n, aux_loss=aux_sum / n / n_moe, z_loss=z_sum / n / n_moe,
         router_std=std_sum / std_count if std_count else None, grad_norm=norm, tokens_per_expert=load,
         dropped=dropped, assignments=made, expert_tokens=expert_tokens,
+    )
+
+
+def pipeline_train_step(pipe: Pipeline, optimizer: torch.optim.Optimizer, scheduler,
+                        micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, max_grad_norm: float = 1.0,
+                        autocast_dtype: torch.dtype | None = None, load_balance: str = "aux") -> LocalStepStats:
+    """One optimizer step of a pipeline-parallel model (:mod:`system.parallel.pp`): :func:`train_step` for a
+    :class:`~system.parallel.pp.Pipeline`.
+
+    Each ``(inputs, targets)`` pair ``[B, S]`` (this rank's data-parallel stream; its TP and PP peers pass the
+    same) is one run of the schedule, split into ``pipe.n_microbatches`` micro-batches; with ``n`` micro-batches
+    in all, each one's cross-entropy and every stage's auxiliary losses are scaled by ``1 / n``, so the
+    gradients are those of ``mean((ce + aux))`` over the micro-batches, as in :func:`train_step`. Then the same
+    gradient synchronisation and global-norm clipping (over all stages: the norm's all-reduce spans the
+    world), optimizer and scheduler steps, bias balancing of this rank's MoE layers, and FSSDP's hooks.
+
+    Returns:
+        :class:`LocalStepStats` of this rank's data-parallel stream for the *whole model*: the statistics of
+        every stage are summed over the pp group (one all-reduce), so ``loss`` (from the last stage),
+        ``aux_loss``/``z_loss`` (means over micro-batches and all MoE layers), ``tokens_per_expert`` (every
+        MoE layer), ``dropped`` and ``assignments`` are the same on every rank of the pp group;
+        ``expert_tokens`` stays this rank's.
+
+    Raises:
+        ValueError: ``micro_batches`` is empty.
+    """
+    model = pipe.model
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for controller in pipe.controllers:
+        controller.begin_step()
+    batches = list(micro_batches)
+    if not batches:
+        raise ValueError("pipeline_train_step needs at least one batch")
+    n = len(batches) * pipe.n_microbatches
+    pipe.stats.reset(loss_scale=1.0 / n)
+    for inputs, targets in batches:
+        pipe.step(inputs, targets, autocast_dtype=autocast_dtype)
+    sync_gradients(model)
+    norm = clip_grad_norm_(model, None, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    layers = pipe.moe_layers()
+    if load_balance == "bias":  # this rank's layers, from their step loads (summed over the stage's ranks)
+        update_expert_bias(layers, pipe.stats.local_loads(layers))
+    for controller in pipe.controllers:
+        controller.end_step(optimizer)
+    sums = pipe.stats.reduce(pipe.group)  # every stage's statistics, one all-reduce over the pp group
+    n_moe = max(pipe.stats.n_moe, 1)
+    return LocalStepStats(
+        loss=sums["ce"] / n, aux_loss=sums["aux"] / n / n_moe, z_loss=sums["z"] / n / n_moe,
+        router_std=sums["std_sum"] / sums["std_count"] if sums["std_count"] else None, grad_norm=norm,
+        tokens_per_expert=sums["loads"], dropped=int(sums["dropped"]), assignments=int(sums["assignments"]),
+        expert_tokens=pipe.stats.expert_tokens,
     )

@@ -7,6 +7,11 @@ replicas), clipping to the global norm, AdamW, LR schedule, and with ``moe.load_
 routers' selection-bias update from the step's expert loads (:func:`~system.moe.balance.update_expert_bias`).
 With ``metrics.routing_trace`` rank 0 also appends each step's per-layer expert loads to
 ``<run_dir>/routing_trace.jsonl`` (:class:`~system.train.metrics.RoutingTrace`).
+
+With ``parallel.pp > 1`` the model is split into pipeline stages (:func:`~system.parallel.pp.build_pipeline`,
+each stage parallelised like a whole model); ``self.model`` is then this rank's stages under their
+single-device names (:class:`~system.parallel.pp.PipelineParts`), which the optimizer, checkpoints and the
+export take, and steps, evaluation and the sample run through the pipeline.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from system.checkpoint.manager import CheckpointManager
 from system.checkpoint.model_io import load_model, save_model
@@ -36,12 +43,13 @@ from system.distributed import ParallelDims, init_distributed, pick_device
 from system.inference.generate import greedy_generate
 from system.models.model import MoETransformer
 from system.models.parallelize import parallelize_model
+from system.parallel.pp import Pipeline, build_pipeline, check_microbatches, token_cross_entropy
 from system.errors import DataError, RunFolderError
 from system.train.lifecycle import Preempted, preempt_requested, stop_signal_name
 from system.train.determinism import enable_deterministic_algorithms, set_moe_deterministic
 from system.train.flops import flops_per_token, peak_flops
 from system.train.metrics import MetricsLogger, RoutingTrace
-from system.train.step import train_step
+from system.train.step import pipeline_train_step, train_step
 from system.train.optim import build_lr_scheduler, build_optimizer
 from system.train.preflight import check_resume_model, checkpoint_root, default_run_dir
 from system.train.run_folder import RunLock, clear_earlier_run, earlier_run, earlier_run_error
@@ -181,9 +189,22 @@ class Trainer:
         if not ccfg.initial_load_path:  # else every weight is read below (or from the resumed checkpoint)
             self.model.init_weights(seed=tcfg.seed)
         self.num_params, self.active_params = self.model.num_params()
+        self.n_moe_layers = len(self.model.moe_layers())
         set_moe_deterministic(self.model, cfg.training.deterministic)
-        self.fssdp = parallelize_model(self.model, self.dims, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp,
-                                       activation_checkpoint=tcfg.activation_checkpoint, compile=tcfg.compile)
+
+        def parallelize(part: nn.Module):
+            return parallelize_model(part, self.dims, cfg.parallel, param_dtype=self.amp_dtype, fssdp=cfg.fssdp,
+                                     activation_checkpoint=tcfg.activation_checkpoint, compile=tcfg.compile)
+
+        self.pipeline: Pipeline | None = None
+        if self.dims.pp > 1:
+            # The stages share the initialised model's modules; replacing self.model frees the other stages' blocks.
+            self.pipeline = build_pipeline(self.model, self.dims, cfg.parallel, self.device, parallelize=parallelize)
+            check_microbatches(tcfg.batch_size, self.pipeline.n_microbatches)
+            self.model = self.pipeline.model
+            self.fssdp = self.pipeline.controllers[0] if self.pipeline.controllers else None  # metrics only
+        else:
+            self.fssdp = parallelize(self.model)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_lr_scheduler(self.optimizer, tcfg)
 
@@ -221,11 +242,11 @@ class Trainer:
                                      resume_step=self.step if continuing else None, resume_from=self.resumed_from)
         self.routing_trace = RoutingTrace(self.run_dir, self.rank) if cfg.metrics.routing_trace else None
         logger.info(
-            "model: %.2fM params (%.2fM active), %d MoE layers x %d experts top-%d; world %d = dp %d x ep %d; "
+            "model: %.2fM params (%.2fM active), %d MoE layers x %d experts top-%d; world %d = dp %d x ep %d%s; "
             "dense %s; device %s; corpus %s (%.1f MB train)",
-            self.num_params / 1e6, self.active_params / 1e6, len(self.model.moe_layers()), cfg.moe.num_experts,
-            cfg.moe.top_k, self.world, self.dims.dp, self.dims.ep, cfg.parallel.dense, self.device,
-            corpus.name, corpus.train_bytes / 1e6,
+            self.num_params / 1e6, self.active_params / 1e6, self.n_moe_layers, cfg.moe.num_experts,
+            cfg.moe.top_k, self.world, self.dims.dp, self.dims.ep, self._pp_tp_text(), cfg.parallel.dense,
+            self.device, corpus.name, corpus.train_bytes / 1e6,
         )
 
     # ------------------------------------------------------------------ run folder
@@ -267,6 +288,16 @@ class Trainer:
                 "dense": p.dense, "device": self.device.type, "pp": d.pp, "dp_replicate": d.dp_replicate,
                 "dp_shard": d.dp_shard, "tp": d.tp, "expert_tp": d.expert_tp}
 
+    def _pp_tp_text(self) -> str:
+        """`` x pp 2 (1F1B, 4 micro-batches) x tp 2`` for the degrees above 1 (empty otherwise)."""
+        out = ""
+        if self.dims.pp > 1:
+            out += (f" x pp {self.dims.pp} ({self.cfg.parallel.pp_schedule}, "
+                    f"{self.pipeline.n_microbatches if self.pipeline else '?'} micro-batches)")
+        if self.dims.tp > 1:
+            out += f" x tp {self.dims.tp}"
+        return out
+
     def _amp_dtype(self) -> torch.dtype | None:
         mode = self.cfg.training.mixed_precision
         if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
@@ -298,9 +329,14 @@ class Trainer:
         tcfg = self.cfg.training
         t0 = time.perf_counter()
         batches = [tuple(self._to_device(*self.loader.next_batch())) for _ in range(tcfg.grad_accum)]
-        st = train_step(self.model, self.optimizer, self.scheduler, batches, mesh=self.mesh,
-                        max_grad_norm=tcfg.max_grad_norm, autocast_dtype=self.amp_dtype, fssdp=self.fssdp,
-                        load_balance=self.cfg.moe.load_balance)
+        if self.pipeline is not None:  # each batch one run of the pipeline schedule
+            st = pipeline_train_step(self.pipeline, self.optimizer, self.scheduler, batches,
+                                     max_grad_norm=tcfg.max_grad_norm, autocast_dtype=self.amp_dtype,
+                                     load_balance=self.cfg.moe.load_balance)
+        else:
+            st = train_step(self.model, self.optimizer, self.scheduler, batches, mesh=self.mesh,
+                            max_grad_norm=tcfg.max_grad_norm, autocast_dtype=self.amp_dtype, fssdp=self.fssdp,
+                            load_balance=self.cfg.moe.load_balance)
         self.step += 1
         # The step's one all-reduce also carries this rank's SIGTERM flag, so all ranks stop after the same step.
         loss, aux_mean, z_mean, dropped, made, router_std, preempt = self._mean_over_ranks(
@@ -318,6 +354,10 @@ class Trainer:
     def evaluate(self, progress: str = "") -> float:
         """Mean validation cross-entropy (nats/token) over ``eval_batches`` fixed batches, all ranks.
 
+        Under pipeline parallelism the batches go forward through the stages and the last stage's
+        cross-entropy is shared over the pp group; vocabulary-sharded logits (tensor parallelism) use the
+        loss-parallel cross-entropy.
+
         Args:
             progress: a label for a rank-0 progress bar over the batches (empty: no bar).
         """
@@ -327,7 +367,7 @@ class Trainer:
             self.val_tokens, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
             rank=self.dims.dp_rank(self.rank), world_size=self.dims.dp_degree, seed=0, shuffle=False,
         )
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: one host sync
         batches = range(self.eval_batches)
         if progress and self.rank == 0 and self.cfg.metrics.progress:
             from tqdm import tqdm
@@ -335,11 +375,18 @@ class Trainer:
             batches = tqdm(batches, desc=progress, unit="batch", dynamic_ncols=True, leave=False)
         for _ in batches:
             inputs, targets = self._to_device(*loader.next_batch())
-            with self._autocast():
-                logits = self.model(inputs)
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).item()
+            if self.pipeline is not None:
+                logits = self.pipeline.forward(inputs, autocast_dtype=self.amp_dtype)  # None off the last stage
+            else:
+                with self._autocast():
+                    logits = self.model(inputs)
+            if logits is not None:
+                with loss_parallel() if isinstance(logits, DTensor) else contextlib.nullcontext():
+                    total += token_cross_entropy(logits, targets).double()
+        if self.pipeline is not None:
+            total = self.pipeline.from_last(total)
         self.model.train()
-        return self._mean_over_ranks([total / self.eval_batches])[0]
+        return self._mean_over_ranks([total.item() / self.eval_batches])[0]
 
     def bits_per_byte(self, nats_per_token: float) -> float:
         """Convert a cross-entropy in nats/token to bits per byte of the validation text."""
@@ -442,7 +489,8 @@ class Trainer:
             t0 = time.perf_counter()
             target = self.run_dir / self.cfg.checkpoint.folder
             self._say(f"exporting the model to {target}")
-            save_model(self.model, self.mesh, target, config_to_dict(self.cfg), overwrite=True)
+            save_model(self.model, self.mesh, target, config_to_dict(self.cfg), overwrite=True,
+                       pp_group=self.pipeline.group if self.pipeline is not None else None)
             self._say(f"exported the model ({time.perf_counter() - t0:.1f} s)")
         sample = self.sample()
         if self.rank == 0:
@@ -519,7 +567,7 @@ class Trainer:
         return {f"moe/load/layer{i}": l for i, l in enumerate(r.tokens_per_expert)}
 
     def sample(self) -> str:
-        """A greedy continuation of ``training.sample_prompt`` (all ranks run it; EP is collective)."""
+        """A greedy continuation of ``training.sample_prompt`` (all ranks run it; EP, TP and PP are collective)."""
         tcfg = self.cfg.training
         if tcfg.sample_tokens <= 0:
             return ""
@@ -527,8 +575,13 @@ class Trainer:
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         self._say(f"sampling {tcfg.sample_tokens} tokens greedily from {tcfg.sample_prompt!r}")
-        with self._autocast():
-            out = greedy_generate(self.model, prompt, tcfg.sample_tokens, tcfg.seq_len)
+        if self.pipeline is not None:
+            out = self.pipeline.greedy_generate(prompt, tcfg.sample_tokens, tcfg.seq_len, autocast_dtype=self.amp_dtype,
+                                                seq_multiple=self.dims.tp)
+        else:
+            with self._autocast():
+                out = greedy_generate(_FullLogits(self.model, self.dims.tp) if self.dims.tp > 1 else self.model, prompt,
+                                      tcfg.sample_tokens, tcfg.seq_len)
         self._say(f"sampled ({time.perf_counter() - t0:.1f} s)")
         return self.tokenizer.decode(out[0].tolist())
 
@@ -550,6 +603,8 @@ class Trainer:
             "world_size": self.world,
             "dp": self.dims.dp,
             "ep": self.dims.ep,
+            "pp": self.dims.pp,
+            "tp": self.dims.tp,
             "params": self.num_params,
             "active_params": self.active_params,
             "train_loss": train_loss,
@@ -565,7 +620,7 @@ class Trainer:
     def _print_summary(self, s: dict) -> None:
         lines = [
             f"run            {s['run_dir']}",
-            f"steps          {s['steps']}  (world {s['world_size']} = dp {s['dp']} x ep {s['ep']})"
+            f"steps          {s['steps']}  (world {s['world_size']} = dp {s['dp']} x ep {s['ep']}{self._pp_tp_text()})"
             + (f", resumed from {s['resumed_from']}" if s["resumed_from"] else ""),
             f"params         {s['params'] / 1e6:.2f}M total, {s['active_params'] / 1e6:.2f}M active",
             f"train loss     {s['train_bpb']:.3f} bits/byte" + ("" if s["steps_run"] else
@@ -581,3 +636,18 @@ class Trainer:
             f"sample         {s['sample']!r}",
         ]
         print("\n".join(["== summary =="] + lines), flush=True)
+
+
+class _FullLogits(nn.Module):
+    """A tensor-parallel ``model`` for greedy sampling: the token window trimmed at the front to a multiple of
+    ``tp`` (sequence parallelism splits every sequence over the ``tp`` ranks; the first ``len % tp`` tokens of the
+    context go unseen), and vocabulary-sharded DTensor logits returned whole (``full_tensor()``) as a plain
+    ``[B, S', V]`` tensor whose last position is the next-token distribution."""
+
+    def __init__(self, model: nn.Module, tp: int):
+        super().__init__()
+        self.model, self.tp = model, tp
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.model(tokens[:, tokens.shape[1] % self.tp:])
+        return out.full_tensor() if isinstance(out, DTensor) else out
