@@ -11,6 +11,10 @@ Every node of a multi-node job runs the same command.
 the same job on a Ray cluster (Ray Train ``TorchTrainer``), restarting from the newest committed
 checkpoint when a worker or node dies (see :mod:`system.cluster.ray_launch`).
 
+``moesys plan --config FILE --world N [--gpus-per-node 8] [--device h100-80gb] [--top N] [--json]
+[--section.key value ...]`` lists the parallel layouts of the job that fit a cluster, with memory per rank,
+traffic per collective, step time and MFU (:mod:`system.plan.cli`).
+
 ``moesys generate --checkpoint DIR --prompt TEXT [--prompt-ids 1,5,9] [--prompts-file FILE]
 [--output-format text|json] [--max-new-tokens N] [--batch-size B] [--offload none|ring|experts] [--slots K]
 [--expert-cache C] [--device-memory 4GiB] [--link-bandwidth 2GB] [--sampling greedy|top-p --top-p P
@@ -23,12 +27,14 @@ per prompt); the plan and the throughput go to stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import logging
 import os
 import sys
 
 from system.checkpoint import cli as ckpt_cli
+from system.plan import cli as plan_cli
 from system.cluster.torchrun import LaunchSpec, build_torchrun_command, format_command
 from system.config.loader import ConfigError, load_config
 
@@ -57,8 +63,17 @@ def _train_parser(sub) -> None:
 
 
 def _config_world_size(cfg) -> int:
-    """Ranks of the config's layout on one node: ``dp x ep`` (``ep`` when ``dp = -1``, derived)."""
-    return cfg.parallel.ep if cfg.parallel.dp == -1 else cfg.parallel.dp * cfg.parallel.ep
+    """Ranks of the config's layout on one node when ``--nproc-per-node`` is not given: the smallest world
+    its degrees fit, ``pp x dp_replicate x dp_shard x tp`` with every derived degree (``-1``) at its minimum
+    (``dp x ep`` per stage when ``parallel.dp`` is set)."""
+    p = cfg.parallel
+    etp = p.tp if p.expert_tp else 1
+    if p.dp != -1:
+        return p.pp * p.dp * p.ep * etp
+    if p.dp_shard != -1:
+        return p.pp * p.dp_replicate * p.dp_shard * p.tp
+    fold = p.ep if p.expert_tp else max(1, p.ep // math.gcd(p.ep, p.tp))  # ep must divide dp_shard (x tp)
+    return p.pp * p.dp_replicate * fold * p.tp
 
 
 def _error(message: str) -> None:
@@ -360,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _launch_parser(sub)
     _generate_parser(sub)
     ckpt_cli.add_parser(sub)
+    plan_cli.add_parser(sub)
     return parser
 
 
@@ -405,6 +421,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: 
         return cmd_train(args, extra)
     if args.command == "launch":
         return cmd_launch(args, extra)
+    if args.command == "plan":
+        return plan_cli.run(args, extra)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.command == "ckpt":

@@ -1,10 +1,10 @@
 """Checkpoints reshard across every parallel layout: a training state (model + AdamW) saved under one layout
 loads under another bit-exactly, and the next step's loss is the same.
 
-The chain (default suite): trained and saved under tensor x expert parallelism (TP=2 x EP=2, 4 Gloo ranks) ->
+The chain (default suite): trained and saved under TP=2 x PP=2 x EP=2 (4 Gloo ranks: EP folded onto tp) ->
 loaded in one process (every parameter and AdamW moment equal, bit for bit; next loss equal) and saved again ->
 loaded under FSSDP + FSDP2 (2 ranks; equal; next loss equal) and saved again -> loaded in one process once more:
-still bit-equal to what the first layout saved. The slow matrix adds pipeline, FSDP2 x TP, expert TP and HSDP.
+still bit-equal to what the first layout saved. The slow matrix adds TP x EP, FSDP2 x TP, expert TP, HSDP and PP x EP.
 Every run starts from the same seed and reads the same global batches (each data-parallel stream its rows).
 """
 
@@ -38,6 +38,7 @@ def _configs():
     model = ModelConfig(dim=DIM, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=2, ffn_dim=64, vocab_size=VOCAB,
                         max_seq_len=SEQ)
     moe = MoEConfig(num_experts=EXPERTS, top_k=2, expert_dim=32, interleave=2, aux_loss_coef=0.01)
+    model.tie_embeddings = False  # pipeline stages cannot share the embedding with the head
     train = TrainingConfig(lr=1e-2, warmup_steps=0, steps=10, batch_size=GLOBAL_BATCH, seq_len=SEQ)
     return model, moe, train
 
@@ -62,7 +63,7 @@ def _phase(rank: int, world: int, layout: str, load_from: str | None, save_to: s
     from system.models.model import MoETransformer
     from system.models.parallelize import parallelize_model
     from system.train.optim import build_lr_scheduler, build_optimizer
-    from system.train.step import train_step
+    from system.train.step import pipeline_train_step, train_step
 
     mcfg, moecfg, tcfg = _configs()
     par = ParallelConfig(**LAYOUTS[layout])
@@ -74,8 +75,9 @@ def _phase(rank: int, world: int, layout: str, load_from: str | None, save_to: s
     if par.pp > 1:
         from system.parallel.pp import build_pipeline
 
-        runner = build_pipeline(model, dims, par, tcfg, device=torch.device("cpu"))
-        parts = runner.parts
+        runner = build_pipeline(model, dims, par, torch.device("cpu"),
+                                parallelize=lambda stage: parallelize_model(stage, dims, par))
+        parts = runner.model
     else:
         runner = None
         parallelize_model(model, dims, par)
@@ -96,7 +98,7 @@ def _phase(rank: int, world: int, layout: str, load_from: str | None, save_to: s
         x, y = _batch(s)
         x, y = x[me * rows:(me + 1) * rows], y[me * rows:(me + 1) * rows]
         if runner is not None:
-            st = runner.train_step(opt, sched, [(x, y)], max_grad_norm=tcfg.max_grad_norm)
+            st = pipeline_train_step(runner, opt, sched, [(x, y)], max_grad_norm=tcfg.max_grad_norm)
         else:
             st = train_step(model, opt, sched, [(x, y)], max_grad_norm=tcfg.max_grad_norm)
         loss = torch.tensor([st.loss], dtype=torch.float64)
@@ -112,7 +114,11 @@ def _phase(rank: int, world: int, layout: str, load_from: str | None, save_to: s
              extra={"optimizer": optimizer_extra(opt), "step": start + train_before,
                     "scheduler": sched.state_dict()})
         out["saved"] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in _full_train_state(save_to).items()}
-    full = full_state_dict(parts) if runner is None else runner.full_state_dict()
+    full = full_state_dict(parts)
+    if runner is not None:  # every stage's tensors, from one rank of each stage
+        parts_all = [None] * world
+        dist.all_gather_object(parts_all, full)
+        full = {k: v for part in parts_all for k, v in part.items()}
     out["loaded"] = {k: v.clone() for k, v in full.items()}  # on CPU these alias the live parameters
     out["next"] = [step(s) for s in range(start + train_before, start + train_before + next_steps)]
     return out if rank == 0 else {}
@@ -152,13 +158,13 @@ def _chain(tmp_path, first: tuple[str, int], second: tuple[str, int]) -> None:
     assert d["next"] == pytest.approx(a["next"], rel=LOSS_RTOL)
 
 
-def test_tp_ep_to_one_process_to_fssdp_and_back(tmp_path):
-    _chain(tmp_path, ("tp2_ep2", 4), ("fssdp_fsdp", 2))
+def test_tp_pp_ep_to_one_process_to_fssdp_and_back(tmp_path):
+    _chain(tmp_path, ("pp2_tp2_ep2", 4), ("fssdp_fsdp", 2))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("first, second", [
-    (("pp2_tp2_ep2", 4), ("fssdp_fsdp", 4)),
+    (("tp2_ep2", 4), ("fssdp_fsdp", 4)),
     (("fsdp_tp2", 4), ("expert_tp2_ep2", 4)),
     (("hsdp_ep2", 4), ("pp2_ep2", 4)),
 ])

@@ -73,3 +73,10 @@ class JobConfig:
         if p.pp > 1 and m.n_layers < stages:
             raise ValueError(f"model.n_layers={m.n_layers} is fewer than the pipeline's parallel.pp={p.pp} x "
                              f"{p.stages_per_rank()} stages per rank = {stages} stages")
+        if p.pp > 1 and m.tie_embeddings:
+            raise ValueError(f"model.tie_embeddings=true shares the embedding with the output head, which "
+                             f"parallel.pp={p.pp} puts on different pipeline stages: set model.tie_embeddings=false")
+        micro = p.pp_microbatches or stages
+        if p.pp > 1 and self.training.batch_size % micro:
+            raise ValueError(f"training.batch_size={self.training.batch_size} does not divide into {micro} pipeline "
+                             f"micro-batches (parallel.pp_microbatches, 0 meaning the number of stages)")
