@@ -32,15 +32,20 @@ MoE blocks, and what the recomputation does there:
   op would leave the recomputed buffer empty), so ``"selective"`` runs it again too; functional
   collectives (``torch.ops._c10d_functional``) are kept.
 - Host synchronisations: the dispatchers read their split sizes to the host again in the
-  recomputation (one more synchronisation per MoE layer in backward on CUDA; ``"selective"`` keeps
-  device-to-host copies, which removes the copy but not the collective before it).
+  recomputation (one more synchronisation per MoE layer in backward on CUDA) under ``"full"``;
+  ``"selective"`` keeps device-to-host copies, so its recomputation does not wait for the device (the
+  collectives before those copies still run).
 - Statistics: ``MoELayer.last_stats`` keeps the object of the original forward (the one whose
-  ``aux_loss`` the loss used), and FSSDP's per-step ``expert_tokens`` counter is not counted twice.
-  FSSDP's ``gather_bytes`` does count the recomputation's SparseAllGather: those bytes move again.
+  ``aux_loss`` the loss used), and FSSDP's per-step ``expert_tokens`` and ``prefetched`` counters are
+  not counted twice. FSSDP's ``gather_bytes`` does count the recomputation's SparseAllGather: those
+  bytes move again.
 - FSSDP: the recomputed forward gathers the materialized experts again (one more SparseAllGather per
-  MoE layer and step). Without ``fssdp.rematerialize`` the first forward's gathered rows stay alive
-  until backward anyway (the expert function keeps its sub-graph on its context, outside the
-  checkpoint's reach); with it, the backward gathers a third time.
+  MoE layer and step); when the forward took its experts from a prefetch (the block's pre-hook, which
+  the recomputation does not call), the recomputation starts the same prefetch first, so it runs the
+  same ops (SAC compares them op by op) and overlaps the gather with the recomputed attention.
+  What FSSDP's expert function saves is kept out of the checkpoint (:class:`_KeepSavedTensors`):
+  without ``fssdp.rematerialize`` it keeps the gathered rows and its expert sub-graph until backward
+  anyway, as without AC; with it, the backward gathers a third time.
 
 Order of use (TorchTitan's): TP, EP/FSSDP, then :func:`apply_ac`, then
 :func:`system.parallel.compile.apply_compile`, then FSDP2.
@@ -49,6 +54,7 @@ Order of use (TorchTitan's): TP, EP/FSSDP, then :func:`apply_ac`, then
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -56,6 +62,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from system.moe.layer import MoELayer
+from system.parallel.fssdp.layer import FSSDPExperts
 
 logger = logging.getLogger(__name__)
 
@@ -121,25 +128,20 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
             and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu")
 
 
-class _KeepForwardStats(contextlib.AbstractContextManager):
-    """Recomputation context: run ``inner`` (SAC's replay mode, or nothing), then put back what the
-    block's first forward recorded.
+def _fssdp_experts(moe: MoELayer) -> FSSDPExperts | None:
+    return moe.experts if isinstance(moe.experts, FSSDPExperts) else None
 
-    ``MoELayer.last_stats`` is restored to the object of the first forward (the loss used its
-    ``aux_loss``; the recomputation would replace it by an equal one from a graph nobody reads), and
-    FSSDP's ``expert_tokens`` counter to its value before the recomputation.
-    """
+
+class _MoEForward(contextlib.AbstractContextManager):
+    """Forward context of a checkpointed MoE block: ``inner`` (SAC's caching mode, or nothing), noting which
+    FSSDP layers took their experts from a prefetched SparseAllGather (started by the block's pre-hook)."""
 
     def __init__(self, inner, moe_layers: list[MoELayer]):
-        self.inner = inner
-        self.moe_layers = moe_layers
-        self.saved: list = []
+        self.inner, self.moe_layers = inner, moe_layers
+        self.prefetched: list[FSSDPExperts] = []
 
-    def __enter__(self) -> "_KeepForwardStats":
-        self.saved = []
-        for moe in self.moe_layers:
-            stats = _fssdp_stats(moe)
-            self.saved.append((moe, moe.last_stats, stats, None if stats is None else stats["expert_tokens"]))
+    def __enter__(self) -> "_MoEForward":
+        self._before = [(e, e.state.stats["prefetched"]) for e in map(_fssdp_experts, self.moe_layers) if e is not None]
         self.inner.__enter__()
         return self
 
@@ -147,42 +149,100 @@ class _KeepForwardStats(contextlib.AbstractContextManager):
         try:
             return self.inner.__exit__(*exc)
         finally:
-            for moe, last, stats, tokens in self.saved:
+            self.prefetched = [e for e, before in self._before if e.state.stats["prefetched"] > before]
+
+
+class _MoERecompute(contextlib.AbstractContextManager):
+    """Recomputation context of a checkpointed MoE block.
+
+    Before: starts the prefetches the forward consumed (so the recomputed forward runs the same ops, which
+    SAC requires, and overlaps the gather with the recomputed attention), then enters ``inner`` (SAC's
+    replay mode, or nothing). After: puts back ``MoELayer.last_stats`` (the first forward's object) and
+    FSSDP's ``expert_tokens`` and ``prefetched`` counters.
+    """
+
+    def __init__(self, inner, forward: _MoEForward):
+        self.inner, self.forward = inner, forward
+        self.saved: list = []
+
+    def __enter__(self) -> "_MoERecompute":
+        self.saved = []
+        for moe in self.forward.moe_layers:
+            experts = _fssdp_experts(moe)
+            counters = None if experts is None else {k: experts.state.stats[k] for k in ("expert_tokens", "prefetched")}
+            self.saved.append((moe, moe.last_stats, experts, counters))
+        for experts in self.forward.prefetched:
+            experts.prefetch()
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return self.inner.__exit__(*exc)
+        finally:
+            for moe, last, experts, counters in self.saved:
                 moe.last_stats = last
-                if stats is not None:
-                    stats["expert_tokens"] = tokens
+                if experts is not None:
+                    experts.state.stats.update(counters)
             self.saved = []
 
 
-def _fssdp_stats(moe: MoELayer) -> dict | None:
-    """The per-step counters of an FSSDP dispatcher's layer state, or None for another dispatcher."""
-    state = getattr(moe.dispatcher, "state", None)
-    stats = getattr(state, "stats", None)
-    return stats if isinstance(stats, dict) and "expert_tokens" in stats else None
+def _moe_contexts(mode: str, moe_layers: list[MoELayer]) -> tuple:
+    """``checkpoint``'s ``context_fn`` for a block with MoE layers (SAC's modes for ``"selective"``)."""
+    if mode == "selective":
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(sac_policy)
+    else:
+        forward_ctx, recompute_ctx = contextlib.nullcontext(), contextlib.nullcontext()
+    forward = _MoEForward(forward_ctx, moe_layers)
+    return forward, _MoERecompute(recompute_ctx, forward)
+
+
+class _KeepSavedTensors:
+    """Forward pre-/post-hooks that keep what a module saves for backward out of an enclosing checkpoint.
+
+    For FSSDP's experts: without re-materialization their autograd function builds a sub-graph in forward
+    and differentiates it with ``torch.autograd.grad`` in backward, a separate graph task; were its saved
+    tensors checkpointed, unpacking them there would recompute the whole block a second time (the
+    checkpoint recomputes once per graph task), and SAC would refuse (its cache is consumed once). The
+    function keeps that sub-graph until backward anyway, so nothing is lost.
+    """
+
+    def __init__(self):
+        self.stack: list = []
+
+    def pre(self, module: nn.Module, args) -> None:
+        hooks = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
+        hooks.__enter__()
+        self.stack.append(hooks)
+
+    def post(self, module: nn.Module, args, output) -> None:
+        self.stack.pop().__exit__(None, None, None)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class ActivationCheckpointed:
     """Mixin placed before a block's class by :func:`apply_ac`: ``forward`` runs under ``checkpoint``.
 
-    The instance attribute ``ac_mode`` (``"full"`` or ``"selective"``) picks the policy.
+    The instance attribute ``ac_mode`` (``"full"`` or ``"selective"``) picks the policy. A block
+    without MoE layers passes ``checkpoint`` plain SAC contexts (or none), which ``torch.compile``
+    can trace into its ``tag_activation_checkpoint`` region.
     """
 
     ac_mode: str
 
     def forward(self, *args, **kwargs):  # noqa: D102
-        return checkpoint(super().forward, *args, use_reentrant=False, preserve_rng_state=True,
-                          early_stop=False, determinism_check="default", context_fn=self._ac_contexts, **kwargs)
-
-    def _ac_contexts(self) -> tuple:
-        """The (forward, recomputation) contexts of one checkpointed call (``checkpoint``'s ``context_fn``)."""
-        if self.ac_mode == "selective":
-            forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(sac_policy)
-        else:
-            forward_ctx, recompute_ctx = contextlib.nullcontext(), contextlib.nullcontext()
+        options = dict(use_reentrant=False, preserve_rng_state=True, early_stop=False,
+                       determinism_check="default")
         moe_layers = [m for m in self.modules() if isinstance(m, MoELayer)]
-        if not moe_layers:
-            return forward_ctx, recompute_ctx
-        return forward_ctx, _KeepForwardStats(recompute_ctx, moe_layers)
+        if moe_layers:
+            options["context_fn"] = functools.partial(_moe_contexts, self.ac_mode, moe_layers)
+        elif self.ac_mode == "selective":
+            options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, sac_policy)
+        # "full" without MoE: checkpoint's default (no context), the only form torch.compile accepts besides SAC's
+        return checkpoint(super().forward, *args, **options, **kwargs)
 
 
 _CLASSES: dict[type, type] = {}
@@ -191,7 +251,8 @@ _CLASSES: dict[type, type] = {}
 def _checkpointed_class(cls: type) -> type:
     """The cached subclass ``Checkpointed<cls>`` of ``(ActivationCheckpointed, cls)``."""
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (ActivationCheckpointed, cls), {"__module__": cls.__module__})
+        _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (ActivationCheckpointed, cls),
+                             {"__module__": cls.__module__})
     return _CLASSES[cls]
 
 
@@ -218,8 +279,8 @@ def apply_ac(model: nn.Module, mode: str) -> None:
         return
     layers = getattr(model, "layers", None)
     if not isinstance(layers, (nn.ModuleList, nn.ModuleDict)):
-        raise ValueError(f"training.activation_checkpoint={mode!r} needs a model with a `layers` ModuleList/ModuleDict, "
-                         f"got {type(model).__name__}")
+        raise ValueError(f"training.activation_checkpoint={mode!r} needs a model with a `layers` "
+                         f"ModuleList/ModuleDict, got {type(model).__name__}")
     blocks = layers.values() if isinstance(layers, nn.ModuleDict) else layers
     for block in blocks:
         if isinstance(block, ActivationCheckpointed):
@@ -227,4 +288,8 @@ def apply_ac(model: nn.Module, mode: str) -> None:
                              f"(mode {block.ac_mode!r}); apply_ac must be called once")
         block.__class__ = _checkpointed_class(type(block))
         block.ac_mode = mode
+        for experts in (m for m in block.modules() if isinstance(m, FSSDPExperts)):
+            keep = _KeepSavedTensors()
+            experts.register_forward_pre_hook(keep.pre)
+            experts.register_forward_hook(keep.post, always_call=True)
     logger.info("activation checkpointing: %s, %d blocks", mode, len(layers))
