@@ -20,13 +20,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tomllib
 import typing
 from pathlib import Path
 
 import pytest
+
+from tests.docs_site import build_site
 from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +40,7 @@ CONSTRAINTS = ROOT / "docker" / "constraints.txt"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    missing = [m for m in ("mkdocs", "material", "pymdownx") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"documentation tools not installed ({', '.join(missing)}): "
-                    "pip install -e '.[docs]' (make test installs them)")
-    out = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-         "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return out
+    return build_site(tmp_path_factory.mktemp("site"))
 
 
 def _text(fragment: str) -> str:
