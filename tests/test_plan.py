@@ -5,7 +5,7 @@ tokens per rank, the trainer's ``train_step`` / ``pipeline_train_step``) under s
 activation-checkpointing modes: one process (fp32: no AC, full, selective; bf16 autocast: no AC, selective),
 and two Gloo ranks (EP=2; FSDP2 dense x EP=2; FSSDP; TP=2 x EP=2; and, marked slow, EP=2 with selective AC,
 FSDP2 x EP=2 with full AC, TP=2 x EP=2 with selective AC, PP=2 under 1F1B). Each measures the second step
-(steady state: AdamW moments exist) with :class:`LivePeak`, a
+(steady state: AdamW moments exist) with :class:`~system.plan.measure.LivePeak`, a
 ``TorchDispatchMode`` that keeps the bytes of every live tensor storage, as ``torch.distributed._tools.
 mem_tracker.MemTracker`` does (checked equal to it below); ``MemTracker`` itself refuses FSSDP's layers,
 which run a module more than once per step. The estimate (:func:`system.plan.memory.rank_memory`, with the
@@ -16,118 +16,19 @@ are defined the same way (parameters, AdamW state).
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed._tools.common_utils import get_untyped_storages
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from _dist import run_workers
+from system.plan.measure import LivePeak
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
 TOLERANCE = 0.15
 MICRO_BATCH, SEQ = 4, 256
 CPU_CHUNK = 4 << 20  # system.moe.swiglu.DEFAULT_CHUNK_BYTES: the CPU expert kernel's chunk
-
-
-# ------------------------------------------------------------------------------------ the measurement
-class LivePeak(TorchDispatchMode):
-    """Peak of the bytes of live tensor storages over a region, and which storages were live at the peak.
-
-    Every storage an op returns is counted from then until it is freed (a weak-reference callback);
-    ``external`` tensors (parameters, gradients, optimizer state, inputs made before the region) are counted
-    from the start. ``UntypedStorage.resize_`` (FSDP2 frees and re-allocates its unsharded parameters that
-    way, outside the dispatcher) is followed too, as ``MemTracker`` does. A storage is keyed by its ``id``
-    and a serial number, so that a later storage reusing a freed one's ``id`` is not taken for it.
-    """
-
-    def __init__(self, *external: torch.Tensor):
-        super().__init__()
-        self.live: dict[tuple[int, int], int] = {}  # (id, serial) -> bytes
-        self.serial: dict[int, int] = {}  # id of a live storage -> its serial
-        self.count = 0
-        self.current = self.peak = 0
-        self.at_peak: dict[tuple[int, int], int] = {}
-        for t in external:
-            self._track(t)
-
-    def _key(self, st) -> tuple[int, int]:
-        """The key of a storage, registering it (with a free callback) when it is new."""
-        if id(st) not in self.serial:
-            self.count += 1
-            self.serial[id(st)] = self.count
-            self.live[(id(st), self.count)] = 0
-            weakref.finalize(st, self._free, (id(st), self.count))
-        return id(st), self.serial[id(st)]
-
-    def _set(self, st) -> None:
-        key = self._key(st)
-        self.current += st.nbytes() - self.live[key]
-        self.live[key] = st.nbytes()
-
-    def _track(self, t: torch.Tensor) -> None:
-        for st in get_untyped_storages(t):
-            if id(st) not in self.serial:
-                self._set(st)
-
-    def _free(self, key: tuple[int, int]) -> None:
-        self.current -= self.live.pop(key, 0)
-        if self.serial.get(key[0]) == key[1]:
-            del self.serial[key[0]]
-
-    def _note(self) -> None:
-        if self.current > self.peak:
-            self.peak, self.at_peak = self.current, dict(self.live)
-
-    def __enter__(self):
-        self._resize = torch.UntypedStorage.resize_
-        tracker, resize = self, self._resize
-
-        def resize_(st, size):
-            resize(st, size)
-            tracker._set(st)
-            tracker._note()
-
-        torch.UntypedStorage.resize_ = resize_
-        self._note()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.UntypedStorage.resize_ = self._resize
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t is DTensor for t in types):  # let DTensor run its local ops, which are then seen here
-            return NotImplemented
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        self._note()
-        return out
-
-    def breakdown(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-        """Bytes live at the peak by category: the storages of the parameters, of their gradients and of the
-        optimizer state (as they are after the step), and everything else (activations, temporaries, cast
-        and gathered weights, buffers)."""
-        def keys(tensors) -> set[tuple[int, int]]:
-            return {(id(st), self.serial.get(id(st))) for t in tensors if isinstance(t, torch.Tensor)
-                    for st in get_untyped_storages(t)}
-
-        params = keys(model.parameters())
-        grads = keys(p.grad for p in model.parameters())
-        state = keys(v for s in optimizer.state.values() for v in s.values())
-        out = {"params": 0, "grads": 0, "optimizer": 0, "other": 0}
-        for key, n in self.at_peak.items():
-            cat = "params" if key in params else "grads" if key in grads else "optimizer" if key in state else "other"
-            out[cat] += n
-        out["total"] = self.peak
-        return out
 
 
 def _overrides(mode: str = "none", precision: str = "fp32", **parallel) -> list[str]:

@@ -9,5 +9,6 @@ Small modules with one job each:
   :mod:`system.train.memory`);
 - :mod:`system.plan.comm`: bytes per collective per step on intra- and inter-node links;
 - :mod:`system.plan.estimate`: step time, MFU, and the ranked plan;
+- :mod:`system.plan.measure`: the measured peak of live tensor bytes over a step (:class:`~system.plan.measure.LivePeak`), which the estimate is checked against;
 - :mod:`system.plan.report` and :mod:`system.plan.cli`: what the command prints.
 """
