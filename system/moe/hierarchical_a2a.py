@@ -1,7 +1,7 @@
 """Hierarchical (topology-aware) all-to-all for expert-parallel dispatch, and the dispatcher factory.
 
-SE-MoE (Shen et al. 2022, arXiv 2205.10034, sec. 3.2, its hierarchical AllToAll) splits the expert-parallel
-all-to-all in two: an **intra-node** all-to-all that brings each token row to the rank of its own node
+SE-MoE (Shen et al. 2022, arXiv 2205.10034, the hierarchical AllToAll of its training design) splits the
+expert-parallel all-to-all in two: an **intra-node** all-to-all that brings each token row to the rank of its own node
 whose local index is that of the row's destination, then an **inter-node** all-to-all among the ranks of
 equal local index, one per node. Combine runs the two stages in reverse.
 
