@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from system.parallel.layout import layout_of, local_tensor
+from system.parallel.layout import ParamLayout, has_layout, layout_of, local_tensor
 
 
 def _sq_norm(g: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,13 @@ def _group_key(group) -> int:
     return id(group)
 
 
+def _layout(p: torch.Tensor, world: int) -> ParamLayout:
+    """``p``'s layout record; a parameter of a single-process job that no ``apply_*`` saw is held whole."""
+    if world == 1 and not has_layout(p):
+        return ParamLayout("dense", tuple(p.shape), replicas=1)
+    return layout_of(p)
+
+
 @torch.no_grad()
 def sync_gradients(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
     """Turn each rank's local gradients into the gradient of the global mean loss, in place.
@@ -117,13 +124,15 @@ def sync_gradients(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
         mesh: unused (kept for callers of the earlier signature).
 
     Raises:
-        LookupError: a parameter without a layout record.
+        LookupError: a parameter without a layout record in a job of several ranks (a single-process job's
+            unrecorded parameters are held whole).
     """
+    world = dist.get_world_size() if dist.is_initialized() else 1
     buckets: dict[tuple[int, int], tuple[object, int, list[torch.Tensor]]] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        lay = layout_of(p)
+        lay = _layout(p, world)
         if lay.grad_group is None and lay.grad_divisor == 1:
             continue
         if p.grad is None:
@@ -149,7 +158,7 @@ def clip_grad_norm_(model: nn.Module, mesh: DeviceMesh | None = None, max_norm: 
     for p in model.parameters():
         if p.grad is None:
             continue
-        lay = layout_of(p)
+        lay = _layout(p, world)
         g = local_tensor(p.grad)
         if lay.replicas >= world and lay.kind != "fssdp":
             local.append(g)
