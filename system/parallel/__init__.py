@@ -1,6 +1,6 @@
 """Parallelisms applied to a model by plain functions (TorchTitan style)."""
 
-from system.parallel.expert_parallel import apply_ep, expert_rows, gather_experts
+from system.parallel.expert_parallel import apply_ep, expert_rows
 from system.parallel.fsdp import apply_fsdp
 from system.parallel.grads import clip_grad_norm_, sync_gradients
 from system.parallel.params import expert_modules, split_parameters
@@ -11,7 +11,6 @@ __all__ = [
     "clip_grad_norm_",
     "expert_modules",
     "expert_rows",
-    "gather_experts",
     "split_parameters",
     "sync_gradients",
 ]

@@ -7,7 +7,6 @@ uneven all-to-all (:class:`system.moe.dispatch.AllToAllDispatcher`).
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -93,14 +92,3 @@ def expert_rows(num_experts: int, ep: int, ep_rank: int) -> tuple[int, int]:
     """Global expert range ``[lo, hi)`` held by ``ep_rank`` of an EP group of size ``ep``."""
     per = num_experts // ep
     return ep_rank * per, (ep_rank + 1) * per
-
-
-@torch.no_grad()
-def gather_experts(local: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """All-gather expert rows ``[E/ep, ...]`` over ``mesh["ep"]`` into the global ``[E, ...]``."""
-    ep_mesh = mesh["ep"]
-    if ep_mesh.size() == 1:
-        return local.detach().clone()
-    parts = [torch.empty_like(local) for _ in range(ep_mesh.size())]
-    dist.all_gather(parts, local.detach().contiguous(), group=ep_mesh.get_group())
-    return torch.cat(parts, dim=0)

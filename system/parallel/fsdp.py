@@ -61,7 +61,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
     for name, p in model.named_parameters():
         if p in ignored or not isinstance(p, DTensor):
             continue
-        prior = getattr(p, "_moesys_layout", None)
-        kind = prior.kind if prior is not None else "dense"
+        kind = layout_of(p).kind if has_layout(p) else "dense"
         record(p, ParamLayout(kind, tuple(p.shape), replicas=dtensor_replicas(p, world, pp),
                               grad_group=tp_group if name in beyond_dp else None, grad_divisor=1))

@@ -181,15 +181,8 @@ def dtensor_replicas(p: DTensor, world_size: int, pp: int = 1) -> int:
     return max(1, world_size // (pp * shards))
 
 
-def replicas_of(p: torch.Tensor) -> int:
-    """Ranks holding the same block as this rank (from the record; a DTensor's from its mesh when the
-    record leaves ``replicas`` at 0)."""
-    lay = layout_of(p)
-    return lay.replicas
-
-
 __all__ = [
     "FSSDPRows", "ParamLayout", "Placement", "Replicate", "Shard", "dtensor_box", "dtensor_replicas", "has_layout",
-    "layout_of", "local_tensor", "named_layouts", "record", "record_replicated", "replicas_of",
+    "layout_of", "local_tensor", "named_layouts", "record", "record_replicated",
     "single_process_layout",
 ]
